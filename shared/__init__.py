@@ -1,0 +1,1 @@
+"""Flotilla's common code: event contracts, bus runtime, state store, settings."""

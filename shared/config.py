@@ -1,0 +1,61 @@
+"""Settings from the environment, one prefix (FLOTILLA_) for every service."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOTILLA_", extra="ignore", frozen=True)
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Key prefix in Redis so several deployments (or tests) can share one server.
+    redis_prefix: str = Field(default="flotilla", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    duplicate_window_s: float = Field(default=120.0, gt=0)
+
+    # Consumer runtime
+    max_deliver: int = Field(default=8, ge=1, le=1000)
+    backoff_s: list[float] = Field(default=[0.5, 1, 2, 5, 10, 30, 60])
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    max_inflight: int = Field(default=64, ge=1, le=10_000)
+    fetch_batch: int = Field(default=64, ge=1, le=1000)
+    handler_timeout_s: float = Field(default=600.0, gt=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    ledger_ttl_s: int = Field(default=30 * 24 * 3600, ge=60)
+
+    # Status API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+
+    # Sim cloud / sim Kubernetes: latency per operation and fault rates (0..1).
+    sim_latency_s: float = Field(default=0.3, ge=0)
+    sim_latency_jitter: float = Field(default=0.5, ge=0, le=1)
+    sim_throttle_rate: float = Field(default=0.0, ge=0, le=1)
+    sim_failure_rate: float = Field(default=0.0, ge=0, le=1)
+    sim_install_latency_s: float = Field(default=0.1, ge=0)
+    sim_seed: int | None = None
+
+    otel_console: bool = False
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("backoff_s")
+    @classmethod
+    def _backoff_positive(cls, value: list[float]) -> list[float]:
+        if not value or any(v < 0 for v in value):
+            raise ValueError("backoff_s needs at least one non-negative delay")
+        return value
+
+    def backoff_for(self, delivery: int) -> float:
+        """Delay before the next delivery after attempt number `delivery` (1-based)."""
+        return self.backoff_s[min(delivery, len(self.backoff_s)) - 1]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
