@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ class Bus:
 
     async def close(self) -> None:
         if not self.nc.is_closed:
-            await self.nc.drain()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5)
+        if not self.nc.is_closed:
+            await self.nc.close()
 
 
 async def connect_bus(settings: Settings, name: str, ensure_streams: bool = True) -> Bus:
@@ -116,7 +120,7 @@ async def connect_bus(settings: Settings, name: str, ensure_streams: bool = True
         log.info("nats reconnected")
 
     nc = await nats.connect(
-        settings.nats_url,
+        [u.strip() for u in settings.nats_url.split(",") if u.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

@@ -80,6 +80,7 @@ class IdempotentConsumer(Generic[S]):
         self.max_deliver = sub.max_deliver or self.settings.max_deliver
         self._running = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._psub: Any = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.max_inflight)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -128,13 +129,19 @@ class IdempotentConsumer(Generic[S]):
 
     # ------------------------------------------------------------------ fetch loop
     async def _fetch_loop(self) -> None:
-        psub = None
+        try:
+            await self._fetch_until_stopped()
+        finally:
+            # A leftover pull subscription makes nc.drain() wait for its timeout on shutdown.
+            await self._unbind()
+
+    async def _fetch_until_stopped(self) -> None:
         failures = 0
         while self._running:
             try:
-                if psub is None:
+                if self._psub is None:
                     await self.reconcile()
-                    psub = await self.bus.js.pull_subscribe_bind(
+                    self._psub = await self.bus.js.pull_subscribe_bind(
                         durable=self.sub.durable, stream=self.sub.stream
                     )
                 free = self.settings.max_inflight - len(self._inflight)
@@ -142,7 +149,7 @@ class IdempotentConsumer(Generic[S]):
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await psub.fetch(batch=min(free, self.settings.fetch_batch), timeout=1.0)
+                    msgs = await self._psub.fetch(batch=min(free, self.settings.fetch_batch), timeout=1.0)
                 except nats.errors.TimeoutError:
                     continue
                 failures = 0
@@ -156,21 +163,20 @@ class IdempotentConsumer(Generic[S]):
                 # The consumer (or the stream leader) went away, e.g. after a server restart: rebind.
                 failures += 1
                 log.warning("consumer %s unavailable (%s); re-binding", self.sub.durable, exc)
-                psub = await self._drop(psub)
+                await self._unbind()
                 await asyncio.sleep(min(0.2 * 2**failures, 5))
             except Exception as exc:  # connection trouble: back off, keep going
                 failures += 1
                 log.warning("fetch failed on %s: %r", self.sub.durable, exc)
                 if failures > 3:
-                    psub = await self._drop(psub)
+                    await self._unbind()
                 await asyncio.sleep(min(0.2 * 2**failures, 5))
 
-    @staticmethod
-    async def _drop(psub: Any) -> None:
+    async def _unbind(self) -> None:
+        psub, self._psub = self._psub, None
         if psub is not None:
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-        return None
+                await asyncio.wait_for(psub.unsubscribe(), 2)
 
     # ------------------------------------------------------------------ one message
     async def _process(self, msg: Msg) -> None:

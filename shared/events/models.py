@@ -93,6 +93,7 @@ class ClusterEvent(FleetEvent):
 
 class ClusterSetAccepted(ClusterSetEvent):
     generation: int
+    document_hash: str = Field(description="hash of the whole accepted document; equal on a no-op re-apply")
     cluster_type: str
     count: int
     config_hash: str
@@ -123,6 +124,7 @@ class ClusterSetRetired(ClusterSetEvent):
 
 
 class ClusterRequested(ClusterEvent):
+    serial: int = Field(ge=0, description="ordinal of the cluster within its set; never reused")
     cluster_type: str
     generation: int
     config_hash: str

@@ -1,0 +1,310 @@
+"""The provisioner's pure core: per-cluster state, `evolve` and `next_action`. No I/O here.
+
+One aggregate per cluster id. The chain of cloud operations advances one step per message:
+the handler performs the action `next_action` returns, emits the resulting fact
+(`ClusterResourceProvisioned` / `ClusterResourceDeprovisioned` / ...), evolves it into the
+state and commits; the emitted fact comes back through the stream and triggers the next
+step. A crash therefore resumes at the step that was running, never from scratch.
+
+Guards that keep duplicates and late events harmless:
+- `evolve` is idempotent: an event that does not change the state is a no-op.
+- `awaiting` holds the id of the last event that changed the state. A message acts only
+  if it changed the state (news) or is that awaited event (the chain's own continuation):
+  a second `ClusterRequested` with another id, or a step result that arrives after a
+  retirement took over, starts no second chain.
+- Retirement is terminal: the target becomes absent and stays absent (cluster ids are
+  never reused; a replacement is a new cluster).
+- Leaks are closed three ways: the step that may have been in flight when a retirement
+  arrived is deleted by tag lookup (`unconfirmed`: covers a crash after the create but
+  before the commit); a step result that arrives after the retirement is recorded and
+  deleted; and the app undoes a create whose commit lost a race to a retirement.
+  Known gap: a request whose first handling crashed after creating the network and whose
+  retirement is handled before the redelivery counts as "never requested"; its network
+  would be left behind (the window is one create wide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.events import ClusterSpec, Envelope, Location, decode_payload
+from shared.events.models import (
+    PROVISION_STEPS,
+    ClusterDeprovisioned,
+    ClusterProvisioned,
+    ClusterProvisioningFailed,
+    ClusterRequested,
+    ClusterResourceDeprovisioned,
+    ClusterResourceProvisioned,
+    ClusterRetirementRequested,
+    Event,
+    NetworkInfo,
+    ProvisionStep,
+)
+
+Target = Literal["present", "absent"]
+Operation = Literal["provision", "deprovision"]
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    operation: Operation
+    step: ProvisionStep | None
+    code: str
+    message: str
+    retryable: bool
+    at: datetime  # when it was recorded: only a request made after it retries
+
+
+class ProvisionerState(BaseModel):
+    """What the provisioner knows about one cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cluster_id: str
+    clusterset: str
+    location: Location
+    spec: ClusterSpec | None = None  # None: retired without ever being requested
+    target: Target = "present"
+    # Steps whose resources exist (ensured and not deleted since), with what the step reported.
+    resources: dict[ProvisionStep, dict[str, Any]] = {}
+    # Steps that may have been started without a recorded result (the step in flight when the
+    # retirement arrived; a crash may have left it half done): deleted by tag lookup.
+    unconfirmed: list[ProvisionStep] = []
+    deleted: list[ProvisionStep] = []
+    provisioned: bool = False
+    deprovisioned: bool = False
+    failure: Failure | None = None
+    awaiting: str | None = None  # id of the last event that changed this state
+
+    def owns(self, step: ProvisionStep) -> bool:
+        """False for an adopted (bring-your-own) network: never ours to delete."""
+        return bool(self.resources.get(step, {}).get("owned", True))
+
+    def byon(self) -> bool:
+        return self.spec is not None and "byon" in self.spec.features
+
+
+# ---------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class Ensure:
+    step: ProvisionStep
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Record an existing resource we do not own (byon network): no cloud call, nothing created."""
+
+    step: ProvisionStep
+    resources: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delete:
+    step: ProvisionStep
+    resources: dict[str, Any] | None  # None: unconfirmed, the provider finds it by tag
+
+
+@dataclass(frozen=True)
+class EmitProvisioned:
+    pass
+
+
+@dataclass(frozen=True)
+class EmitDeprovisioned:
+    pass
+
+
+Action = Ensure | Adopt | Delete | EmitProvisioned | EmitDeprovisioned
+
+
+def operation_of(action: Action) -> Operation:
+    return "deprovision" if isinstance(action, Delete | EmitDeprovisioned) else "provision"
+
+
+def step_of(action: Action) -> ProvisionStep | None:
+    return action.step if isinstance(action, Ensure | Adopt | Delete) else None
+
+
+# ---------------------------------------------------------------- evolve
+def _frontier(state: ProvisionerState) -> list[ProvisionStep]:
+    """The step provisioning was at (possibly in flight) when it stopped; [] if none could be."""
+    if state.spec is None or state.target != "present":
+        return []
+    for step in PROVISION_STEPS:
+        if step not in state.resources:
+            if step == "network" and state.byon():
+                return []  # adopting is not a cloud side effect
+            return [step]
+    return []
+
+
+def _changed(old: ProvisionerState, new: ProvisionerState, event_id: str) -> ProvisionerState:
+    return old if new == old else new.model_copy(update={"awaiting": event_id})
+
+
+def _retries(failure: Failure | None, operation: Operation, env: Envelope) -> bool:
+    """A new request clears a failure of its operation; a replay of an older one does not."""
+    return failure is not None and failure.operation == operation and env.time > failure.at
+
+
+def _apply(state: ProvisionerState | None, event: Event, env: Envelope) -> ProvisionerState | None:
+    match event:
+        case ClusterRequested():
+            if state is None:
+                return ProvisionerState(
+                    cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location,
+                    spec=event.spec,
+                )  # fmt: skip
+            if state.target == "present" and state.spec is not None and _retries(state.failure, "provision", env):
+                return state.model_copy(update={"failure": None})  # asked again: retry the failed step
+            return state  # duplicate request, or a late one after retirement: ignored
+        case ClusterRetirementRequested():
+            if state is None:
+                return ProvisionerState(
+                    cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location,
+                    target="absent",
+                )  # fmt: skip
+            if state.target == "present":
+                pending = [s for s in _frontier(state) if s not in state.unconfirmed]
+                # A provisioning failure no longer matters: cleaning up is the job now.
+                return state.model_copy(
+                    update={"target": "absent", "unconfirmed": [*state.unconfirmed, *pending], "failure": None}
+                )
+            if _retries(state.failure, "deprovision", env):
+                return state.model_copy(update={"failure": None})  # asked again: retry the failed delete
+            return state
+        case ClusterResourceProvisioned():
+            if state is None or event.step in state.resources or event.step in state.deleted:
+                return state  # duplicate, or a result that a retirement already cleaned up
+            return state.model_copy(
+                update={
+                    "resources": {**state.resources, event.step: dict(event.resources)},
+                    "unconfirmed": [s for s in state.unconfirmed if s != event.step],
+                }
+            )
+        case ClusterResourceDeprovisioned():
+            if state is None or event.step in state.deleted:
+                return state
+            return state.model_copy(
+                update={
+                    "resources": {k: v for k, v in state.resources.items() if k != event.step},
+                    "unconfirmed": [s for s in state.unconfirmed if s != event.step],
+                    "deleted": [*state.deleted, event.step],
+                }
+            )
+        case ClusterProvisioned():
+            return state if state is None else state.model_copy(update={"provisioned": True})
+        case ClusterDeprovisioned():
+            return state if state is None else state.model_copy(update={"deprovisioned": True})
+        case ClusterProvisioningFailed():
+            if state is None:
+                return None
+            failure = Failure(operation=event.operation, step=event.step, code=event.code,
+                              message=event.message, retryable=event.retryable, at=env.time)  # fmt: skip
+            return state.model_copy(update={"failure": failure})
+    return state  # any other event type does not concern the provisioner
+
+
+def evolve(state: ProvisionerState | None, env: Envelope) -> ProvisionerState | None:
+    """Fold one event into the state. Pure and idempotent: the same event twice equals once."""
+    new = _apply(state, decode_payload(env), env)
+    if new is None or state is None:
+        return new if new is None else new.model_copy(update={"awaiting": env.id})
+    return _changed(state, new, env.id)
+
+
+def replay(history: list[Envelope], state: ProvisionerState | None = None) -> ProvisionerState | None:
+    for env in history:
+        state = evolve(state, env)
+    return state
+
+
+def should_act(before: ProvisionerState | None, after: ProvisionerState | None, env: Envelope) -> bool:
+    """Act on news, or on the event the chain is waiting for; never on a stale duplicate."""
+    if after is None:
+        return False
+    return after != before or (before is not None and before.awaiting == env.id)
+
+
+# ---------------------------------------------------------------- next action
+def byon_network(spec: ClusterSpec) -> dict[str, Any]:
+    net = spec.network
+    assert net is not None, "validated: byon needs spec.network"
+    network_id = net.vpc_id or net.vnet_id or net.network_id or ""
+    return {"network_id": network_id, "subnet_ids": list(net.subnet_ids), "owned": False}
+
+
+def next_action(state: ProvisionerState | None) -> Action | None:
+    """What to do next for this cluster; None when there is nothing to do (done, failed or waiting)."""
+    if state is None:
+        return None
+    if state.target == "present":
+        if state.failure is not None or state.spec is None:
+            return None
+        for step in PROVISION_STEPS:
+            if step not in state.resources:
+                if step == "network" and state.byon():
+                    return Adopt(step, byon_network(state.spec))
+                return Ensure(step)
+        return None if state.provisioned else EmitProvisioned()
+    if state.failure is not None and state.failure.operation == "deprovision":
+        return None
+    for step in reversed(PROVISION_STEPS):
+        if step in state.resources and state.owns(step):
+            return Delete(step, state.resources[step])
+        if step in state.unconfirmed and step not in state.resources:
+            return Delete(step, None)
+    return None if state.deprovisioned else EmitDeprovisioned()
+
+
+def remaining_steps(state: ProvisionerState) -> list[ProvisionStep]:
+    """Owned steps that still exist or may exist (for status and tests)."""
+    return [s for s in PROVISION_STEPS if (s in state.resources and state.owns(s)) or s in state.unconfirmed]
+
+
+# ---------------------------------------------------------------- payloads of the facts we emit
+def _ids(state: ProvisionerState) -> dict[str, Any]:
+    return {"cluster_id": state.cluster_id, "clusterset": state.clusterset, "location": state.location}
+
+
+def resource_provisioned(state: ProvisionerState, step: ProvisionStep, resources: dict[str, Any]
+                         ) -> ClusterResourceProvisioned:  # fmt: skip
+    return ClusterResourceProvisioned(**_ids(state), step=step, resources=resources)
+
+
+def resource_deprovisioned(state: ProvisionerState, step: ProvisionStep) -> ClusterResourceDeprovisioned:
+    return ClusterResourceDeprovisioned(**_ids(state), step=step)
+
+
+def provisioned(state: ProvisionerState) -> ClusterProvisioned:
+    cluster = state.resources["cluster"]
+    net = state.resources["network"]
+    return ClusterProvisioned(
+        **_ids(state),
+        endpoint=str(cluster["endpoint"]),
+        ca_fingerprint=str(cluster["ca_fingerprint"]),
+        network=NetworkInfo(
+            network_id=str(net["network_id"]),
+            subnet_ids=[str(s) for s in net["subnet_ids"]],
+            owned=bool(net.get("owned", True)),
+        ),
+        resources={step: dict(state.resources[step]) for step in PROVISION_STEPS},
+        credential_ref=str(cluster.get("credential_ref") or f"{state.location.cloud}://{state.cluster_id}"),
+    )
+
+
+def deprovisioned(state: ProvisionerState) -> ClusterDeprovisioned:
+    return ClusterDeprovisioned(**_ids(state))
+
+
+def failed(state: ProvisionerState, action: Action, code: str, message: str, retryable: bool
+           ) -> ClusterProvisioningFailed:  # fmt: skip
+    return ClusterProvisioningFailed(
+        **_ids(state), operation=operation_of(action), step=step_of(action), code=code, message=message[:1000],
+        retryable=retryable,
+    )  # fmt: skip

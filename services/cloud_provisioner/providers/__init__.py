@@ -1,0 +1,59 @@
+"""Cloud drivers behind the `CloudProvider` port, chosen per cluster by `location.cloud`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from redis.asyncio import Redis
+
+from services.cloud_provisioner.providers.base import (
+    CloudError,
+    CloudProvider,
+    ClusterContext,
+    ResourceNotFoundError,
+    TerminalCloudError,
+    ThrottlingError,
+    TransientCloudError,
+    cloud_error,
+)
+from services.cloud_provisioner.providers.sim import SimProvider
+from services.cloud_provisioner.providers.simcloud import SimCloud
+from shared.config import Settings
+
+# Which driver serves which cloud. Everything is simulated in this issue; the aws (boto3),
+# azure (azure-mgmt-*) and gcp (google-cloud-container) drivers plug in here next.
+DRIVERS: dict[str, str] = {"aws": "sim", "azure": "sim", "gcp": "sim"}
+
+
+class ProviderRegistry:
+    """Maps a cluster's cloud to the driver that provisions it."""
+
+    def __init__(self, by_cloud: Mapping[str, CloudProvider]) -> None:
+        self._by_cloud = dict(by_cloud)
+
+    def for_cloud(self, cloud: str) -> CloudProvider:
+        try:
+            return self._by_cloud[cloud]
+        except KeyError:
+            raise TerminalCloudError("UnsupportedCloud", f"no driver configured for cloud {cloud!r}") from None
+
+    def clouds(self) -> list[str]:
+        return sorted(self._by_cloud)
+
+
+def build_registry(settings: Settings, redis: Redis) -> ProviderRegistry:
+    drivers: dict[str, CloudProvider] = {}
+    sim: SimProvider | None = None
+    for cloud, driver in DRIVERS.items():
+        if driver != "sim":
+            raise ValueError(f"driver {driver!r} for {cloud} is not available yet")
+        sim = sim or SimProvider.from_settings(SimCloud.from_settings(redis, settings), settings)
+        drivers[cloud] = sim
+    return ProviderRegistry(drivers)
+
+
+__all__ = [
+    "DRIVERS", "CloudError", "CloudProvider", "ClusterContext", "ProviderRegistry", "ResourceNotFoundError",
+    "SimCloud", "SimProvider", "TerminalCloudError", "ThrottlingError", "TransientCloudError", "build_registry",
+    "cloud_error",
+]  # fmt: skip

@@ -1,0 +1,132 @@
+"""The cloud port: what the provisioner needs from a cloud, and how cloud errors are classified.
+
+A driver (sim today; aws/azure/gcp with boto3 / azure-mgmt-* / google-cloud-container next)
+implements `CloudProvider`. Both operations are *ensures*:
+- `ensure(step, ctx)` looks the step's resources up (deterministic name / cluster tag) and
+  adopts them, creates only what is missing (with a client request token derived from the
+  cluster id and step), waits until they are usable and returns what the step produced
+  (ids, endpoint, ...). Called again after a crash or by a second replica it creates nothing.
+- `delete(step, ctx, resources)` removes the step's resources, found by the ids it reported
+  or, when `resources` is None (a step that may have been in flight), by the cluster tag;
+  "not found" counts as done. It returns when they are gone.
+
+Errors: raise `CloudError` subclasses. Retryable ones (throttling, transient server errors,
+an operation still running elsewhere) are retried by the consumer runtime with backoff;
+terminal ones (quota, invalid instance type, access denied) fail the cluster at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from shared.events import ClusterSpec, Location
+from shared.events.models import ProvisionStep
+
+# Tags every resource carries, so it can be found again without any local state.
+TAG_CLUSTER = "flotilla.dev/cluster-id"
+TAG_CLUSTERSET = "flotilla.dev/clusterset"
+TAG_STEP = "flotilla.dev/step"
+TAG_MANAGED_BY = "flotilla.dev/managed-by"
+
+
+@dataclass(frozen=True)
+class ClusterContext:
+    """Everything a driver needs to act on one cluster's step."""
+
+    cluster_id: str
+    clusterset: str
+    location: Location
+    spec: ClusterSpec | None
+    # What earlier steps reported (e.g. the network id the cluster goes into).
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def tags(self, step: ProvisionStep) -> dict[str, str]:
+        user = dict(self.spec.tags) if self.spec is not None else {}
+        return {**user, TAG_CLUSTER: self.cluster_id, TAG_CLUSTERSET: self.clusterset, TAG_STEP: step,
+                TAG_MANAGED_BY: "flotilla"}  # fmt: skip
+
+    def client_token(self, step: ProvisionStep, part: str = "") -> str:
+        """Deterministic idempotency token: a retried create returns the first one's resource."""
+        return f"{self.cluster_id}:{step}" + (f":{part}" if part else "")
+
+
+# ---------------------------------------------------------------- errors
+class CloudError(Exception):
+    """A classified cloud API error. `code` is the provider's error code (e.g. 'QuotaExceeded')."""
+
+    retryable: bool = False
+
+    def __init__(self, code: str, message: str = "", retryable: bool | None = None) -> None:
+        self.code = code
+        self.message = message or code
+        if retryable is not None:
+            self.retryable = retryable
+        super().__init__(f"[{code}] {self.message}")
+
+
+class ThrottlingError(CloudError):
+    """Rate limited (Throttling, RequestLimitExceeded, 429): retry later."""
+
+    retryable = True
+
+
+class TransientCloudError(CloudError):
+    """Server-side hiccup or an operation still in progress elsewhere: retry later."""
+
+    retryable = True
+
+
+class TerminalCloudError(CloudError):
+    """Retrying will not help until someone changes something (quota, spec, permissions)."""
+
+    retryable = False
+
+
+class QuotaExceededError(TerminalCloudError):
+    pass
+
+
+class InvalidInstanceTypeError(TerminalCloudError):
+    pass
+
+
+class ResourceNotFoundError(CloudError):
+    """The resource does not exist (any more). Deletes treat it as done."""
+
+    retryable = False
+
+
+_BY_CODE: dict[str, type[CloudError]] = {
+    "Throttling": ThrottlingError,
+    "ThrottlingException": ThrottlingError,
+    "RequestLimitExceeded": ThrottlingError,
+    "TooManyRequests": ThrottlingError,
+    "QuotaExceeded": QuotaExceededError,
+    "LimitExceeded": QuotaExceededError,
+    "InvalidInstanceType": InvalidInstanceTypeError,
+    "NotFound": ResourceNotFoundError,
+    "ResourceNotFound": ResourceNotFoundError,
+}
+
+
+def cloud_error(code: str, message: str = "", retryable: bool | None = None) -> CloudError:
+    """The error class for a code; `retryable` (when given) overrides the class default."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        cls = TransientCloudError if retryable else TerminalCloudError
+    return cls(code, message, retryable)
+
+
+# ---------------------------------------------------------------- the port
+@runtime_checkable
+class CloudProvider(Protocol):
+    name: str
+
+    async def ensure(self, step: ProvisionStep, ctx: ClusterContext) -> dict[str, Any]:
+        """Make the step's resources exist and be ready; return what it produced (JSON-able)."""
+        ...
+
+    async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
+        """Make the step's resources absent; not-found is done."""
+        ...

@@ -1,0 +1,1 @@
+"""etcd_migration: control-plane migration and upgrades. Wired here; the procedure is issue 6."""

@@ -1,0 +1,4 @@
+from services.infra_installer.app import SPEC
+from shared.service import main
+
+main(SPEC)

@@ -1,0 +1,129 @@
+"""The installer's shell: FLEET subscription -> core -> KubernetesTarget -> Outcome.
+
+One durable consumer ("infra_installer") on FLEET takes the events `core.evolve` folds
+(ClusterRequested, ClusterProvisioned, its own InfraServiceInstalled, ClusterRetirementRequested).
+Per message the handler evolves the state with the event, asks `core.next_action`, performs
+at most one install through the port and returns the new state with the emitted event
+already evolved in. The runtime commits state + ledger + outbox atomically and publishes.
+
+A failing install raises: the runtime naks with backoff and retries the same message; after
+the last attempt `on_exhausted` records `ClusterInfraFailed(retryable=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from services.infra_installer import core
+from services.infra_installer.core import EmitReady, Fail, Install, InstallerState
+from services.infra_installer.targets.base import ClusterRef, KubernetesTarget
+from services.infra_installer.targets.sim import SimKubernetesTarget
+from shared.bus import Outcome, Subscription
+from shared.events import Envelope, decode_payload, new_event, subjects
+from shared.events.models import (
+    ClusterProvisioned,
+    ClusterRequested,
+    ClusterRetirementRequested,
+    Event,
+    InfraServiceInstalled,
+)
+from shared.service import ServiceContext, ServiceSpec
+
+log = logging.getLogger("flotilla.infra_installer")
+
+SERVICE = "infra_installer"
+DURABLE = "infra_installer"
+CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled,
+                                     ClusterRetirementRequested)  # fmt: skip
+# How long one service may take to become healthy before the attempt fails (and is retried).
+# Must stay well below Settings.handler_timeout_s, which bounds the whole handler.
+DEFAULT_HEALTH_TIMEOUT_S = 300.0
+
+
+def cluster_ref(state: InstallerState) -> ClusterRef:
+    return ClusterRef(cluster_id=state.cluster_id, endpoint=state.endpoint or "", credential_ref=state.credential_ref,
+                      cloud=state.location.cloud, region=state.location.region)  # fmt: skip
+
+
+class Installer:
+    def __init__(self, target: KubernetesTarget, health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S) -> None:
+        self.target = target
+        self.health_timeout_s = health_timeout_s
+
+    async def handle(self, env: Envelope, state: InstallerState | None) -> Outcome[InstallerState]:
+        state = core.evolve(state, decode_payload(env))
+        if state is None:
+            return Outcome()
+        action = core.next_action(state)
+        emitted: Event | None = None
+        match action:
+            case Install(service=svc):
+                cluster = cluster_ref(state)
+                log.info("installing %s %s on %s", svc.name, svc.version, state.cluster_id,
+                         extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
+                # Both are ensures: a retry after a crash or a failed health gate re-applies harmlessly.
+                await self.target.apply_service(cluster, svc.name, svc.version, svc.values)
+                await self.target.wait_healthy(cluster, svc.name, self.health_timeout_s)
+                emitted = core.installed_event(state, svc)
+                discriminator = svc.name
+            case EmitReady():
+                emitted = core.ready_event(state, action)
+                discriminator = state.config_hash or ""
+            case Fail(service=name, reason=reason, retryable=retryable):
+                emitted = core.failed_event(state, name, reason, retryable)
+                discriminator = name
+            case None:
+                pass
+        if emitted is None:
+            return Outcome(state=state)
+        out = new_event(emitted, source=SERVICE, cause=env, discriminator=discriminator)
+        return Outcome(state=core.evolve(state, emitted), events=[out])
+
+    async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str) -> Outcome[InstallerState]:
+        """Every attempt failed: record ClusterInfraFailed for the service that was being installed.
+
+        Must not raise (the runtime would retry the dead-lettering forever), so undecodable input
+        records nothing.
+        """
+        try:
+            state = core.evolve(state, decode_payload(env))
+        except (KeyError, ValidationError):
+            return Outcome()
+        action = core.next_action(state)
+        if state is None or not isinstance(action, Install):
+            return Outcome(state=state)
+        failed = core.failed_event(state, action.service.name, reason, retryable=True)
+        out = new_event(failed, source=SERVICE, cause=env, discriminator=action.service.name)
+        log.error("giving up installing %s on %s: %s", action.service.name, state.cluster_id, reason,
+                  extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
+        return Outcome(state=core.evolve(state, failed), events=[out])
+
+
+def filter_subjects() -> list[str]:
+    return [subjects.fleet_filter(cls.type_name()) for cls in CONSUMED]
+
+
+def build_subscriptions(
+    ctx: ServiceContext,
+    target: KubernetesTarget | None = None,
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
+) -> Sequence[Subscription[InstallerState]]:
+    # Only the sim target exists so far; the `kubernetes`-client adapter plugs in here.
+    installer = Installer(target or SimKubernetesTarget(ctx.redis, ctx.settings), health_timeout_s)
+    return [
+        Subscription(
+            durable=DURABLE,
+            stream=subjects.STREAM_FLEET,
+            filter_subjects=filter_subjects(),
+            state_model=InstallerState,
+            handle=installer.handle,
+            key=lambda env: env.subject,  # the cluster id
+            on_exhausted=installer.on_exhausted,
+        )
+    ]
+
+
+SPEC = ServiceSpec(name=SERVICE, subscriptions=lambda ctx: build_subscriptions(ctx))

@@ -1,0 +1,192 @@
+"""Pure installer logic: per-cluster state, `evolve` and `next_action`. No I/O.
+
+The installer learns a cluster's spec from `ClusterRequested` and its API endpoint from
+`ClusterProvisioned` (either may be handled first). Once both are known it installs the
+spec's infra services one per message, in catalog dependency order: each handled message
+installs at most one service and emits `InfraServiceInstalled`, and that event, consumed
+again, advances the chain. A crash therefore resumes at the next service. After the last
+service (or at once when none are listed) it emits `ClusterReady`. Retirement stops
+everything, and a recorded failure (`ClusterInfraFailed`) stops the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.catalog import CATALOG, install_order
+from shared.events.clusterset import ClusterSpec, InfraServiceRef, Location
+from shared.events.models import (
+    ClusterEvent,
+    ClusterInfraFailed,
+    ClusterProvisioned,
+    ClusterReady,
+    ClusterRequested,
+    ClusterRetirementRequested,
+    Event,
+    InfraServiceInstalled,
+)
+
+
+class InfraFailure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    service: str
+    reason: str
+    retryable: bool
+
+
+class InstallerState(BaseModel):
+    """What the installer knows about one cluster (aggregate key = cluster id)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cluster_id: str
+    clusterset: str
+    location: Location
+    # From ClusterRequested (the highest generation seen wins, so arrival order does not matter).
+    generation: int = 0
+    cluster_type: str | None = None
+    config_hash: str | None = None
+    spec: ClusterSpec | None = None
+    # From ClusterProvisioned.
+    provisioned: bool = False
+    endpoint: str | None = None
+    credential_ref: str | None = None
+    # Progress: service name -> version installed (from our own InfraServiceInstalled events).
+    installed: dict[str, str] = Field(default_factory=dict)
+    ready: bool = False
+    failure: InfraFailure | None = None
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class PlannedService:
+    name: str
+    version: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Install:
+    """Install (ensure) one service, wait until healthy, then emit InfraServiceInstalled."""
+
+    service: PlannedService
+
+
+@dataclass(frozen=True)
+class EmitReady:
+    services: tuple[PlannedService, ...]
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A failure known without touching the cluster (e.g. a service the catalog does not know)."""
+
+    service: str
+    reason: str
+    retryable: bool
+
+
+Action = Install | EmitReady | Fail | None
+
+# Events this core understands; anything else leaves the state as it is.
+HANDLED = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled, ClusterReady, ClusterInfraFailed,
+           ClusterRetirementRequested)  # fmt: skip
+
+
+# ---------------------------------------------------------------- plan
+def plan(spec: ClusterSpec) -> tuple[list[PlannedService], list[str]]:
+    """The services to install in dependency order, and any names the catalog does not know.
+
+    Versions come from the catalog unless the spec's InfraServiceRef pins one.
+    """
+    refs: dict[str, InfraServiceRef | None] = {}
+    for entry in spec.infra_services:
+        name = entry if isinstance(entry, str) else entry.name
+        refs.setdefault(name, None if isinstance(entry, str) else entry)  # first mention wins
+    unknown = [n for n in refs if n not in CATALOG]
+    ordered = install_order([n for n in refs if n in CATALOG])
+    services = []
+    for name in ordered:
+        ref = refs[name]
+        version = (ref.version if ref is not None and ref.version else None) or CATALOG[name].version
+        services.append(PlannedService(name=name, version=version, values=dict(ref.values) if ref else {}))
+    return services, unknown
+
+
+# ---------------------------------------------------------------- evolve
+def _initial(event: ClusterEvent) -> InstallerState:
+    return InstallerState(cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location)
+
+
+def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
+    """Fold one event into the state. Idempotent: applying an event twice equals applying it once."""
+    if not isinstance(event, HANDLED):
+        return state
+    assert isinstance(event, ClusterEvent)
+    if state is None:
+        state = _initial(event)
+    match event:
+        case ClusterRequested():
+            if state.spec is not None and event.generation <= state.generation:
+                return state  # an older or the same request: keep what we have
+            return state.model_copy(update=dict(generation=event.generation, cluster_type=event.cluster_type,
+                                                config_hash=event.config_hash, spec=event.spec))  # fmt: skip
+        case ClusterProvisioned():
+            return state.model_copy(update=dict(provisioned=True, endpoint=event.endpoint,
+                                                credential_ref=event.credential_ref))  # fmt: skip
+        case InfraServiceInstalled():
+            return state.model_copy(update=dict(installed={**state.installed, event.service: event.version}))
+        case ClusterReady():
+            return state.model_copy(update=dict(ready=True))
+        case ClusterInfraFailed():
+            failure = InfraFailure(service=event.service, reason=event.reason, retryable=event.retryable)
+            return state.model_copy(update=dict(failure=failure))
+        case ClusterRetirementRequested():
+            return state.model_copy(update=dict(retired=True))
+    return state
+
+
+def replay(events: Iterable[Event], state: InstallerState | None = None) -> InstallerState | None:
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# ---------------------------------------------------------------- decide
+def next_action(state: InstallerState | None) -> Action:
+    """What to do next for this cluster, or None when there is nothing to do (yet, or any more)."""
+    if state is None or state.retired or state.ready or state.failure is not None:
+        return None
+    if state.spec is None or not state.provisioned:
+        return None  # install starts once both the spec and the provisioning result are known
+    services, unknown = plan(state.spec)
+    if unknown:
+        return Fail(service=unknown[0], reason=f"not in the infra-service catalog: {', '.join(unknown)}",
+                    retryable=False)  # fmt: skip
+    for service in services:
+        if state.installed.get(service.name) != service.version:
+            return Install(service)
+    return EmitReady(tuple(services))
+
+
+# ---------------------------------------------------------------- event payloads
+def installed_event(state: InstallerState, service: PlannedService) -> InfraServiceInstalled:
+    return InfraServiceInstalled(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                                 service=service.name, version=service.version)  # fmt: skip
+
+
+def ready_event(state: InstallerState, action: EmitReady) -> ClusterReady:
+    return ClusterReady(
+        location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+        cluster_type=state.cluster_type or "", config_hash=state.config_hash or "", endpoint=state.endpoint or "",
+        infra_services=[{"name": s.name, "version": s.version} for s in action.services],
+    )  # fmt: skip
+
+
+def failed_event(state: InstallerState, service: str, reason: str, retryable: bool) -> ClusterInfraFailed:
+    return ClusterInfraFailed(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                              service=service, reason=reason[:2000], retryable=retryable)  # fmt: skip

@@ -1,0 +1,61 @@
+"""The `KubernetesTarget` port: what the installer needs from a cluster's API server.
+
+Shaped for the real adapter (official `kubernetes` client): `apply_service` is a
+server-side apply of a service's objects with one field manager, so applying the same
+thing twice changes nothing; `service_healthy` is the health gate (rollouts available,
+webhooks answering). The installer never creates or deletes anything any other way.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shared.bus.consumer import RetryableError
+
+FIELD_MANAGER = "flotilla-infra-installer"
+
+
+@dataclass(frozen=True)
+class ClusterRef:
+    """How to reach one cluster. `credential_ref` names where a token comes from; it is never a secret."""
+
+    cluster_id: str
+    endpoint: str
+    credential_ref: str | None = None
+    cloud: str | None = None
+    region: str | None = None
+
+
+class InstallError(RetryableError):
+    """Applying a service failed (API error, conflict, admission webhook down): worth another try."""
+
+
+class HealthTimeout(RetryableError):
+    """A service was applied but did not become healthy in time."""
+
+
+class KubernetesTarget(abc.ABC):
+    #: How often `wait_healthy` polls `service_healthy`.
+    health_poll_s: float = 0.5
+
+    @abc.abstractmethod
+    async def apply_service(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> None:
+        """Ensure `service` at `version` with `values` is applied. Idempotent; raises InstallError on failure."""
+
+    @abc.abstractmethod
+    async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
+        """Whether the applied service is up (its workloads available). Never raises for 'not yet'."""
+
+    async def wait_healthy(self, cluster: ClusterRef, service: str, timeout_s: float) -> None:
+        """Poll the health gate until it passes; raise HealthTimeout after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.service_healthy(cluster, service):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise HealthTimeout(f"{service} on {cluster.cluster_id} not healthy after {timeout_s:g}s")
+            await asyncio.sleep(min(self.health_poll_s, remaining))

@@ -1,0 +1,1 @@
+"""planner: validates ClusterSets and turns desired membership into cluster requests and retirements."""

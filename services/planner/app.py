@@ -1,0 +1,54 @@
+"""planner: subscriptions that feed the pure core and publish what it decides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from services.planner.core import PlannerState, handle
+from shared.bus import Outcome, Subscription
+from shared.events import (
+    ClusterDeprovisioned,
+    ClusterInfraFailed,
+    ClusterProvisioned,
+    ClusterProvisioningFailed,
+    ClusterReady,
+    ClusterSetApplied,
+    Envelope,
+    subjects,
+)  # fmt: skip
+from shared.service import ServiceContext, ServiceSpec
+
+FACTS = (ClusterProvisioned, ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned)
+
+
+def intent_key(env: Envelope) -> str:
+    if env.type == ClusterSetApplied.type_name():
+        doc = env.data.get("document")
+        meta = doc.get("metadata") if isinstance(doc, dict) else None
+        name = meta.get("name") if isinstance(meta, dict) else None
+        return subjects.token(name if isinstance(name, str) else None)
+    return subjects.token(env.subject)
+
+
+def fact_key(env: Envelope) -> str:
+    return subjects.token(str(env.data.get("clusterset", "")))
+
+
+async def on_event(env: Envelope, state: PlannerState | None) -> Outcome[PlannerState]:
+    new_state, events = handle(state, env)
+    return Outcome(state=new_state if new_state != state else None, events=events)
+
+
+def subscriptions(ctx: ServiceContext) -> Sequence[Subscription[Any]]:
+    return [
+        Subscription(durable="planner-intents", stream=subjects.STREAM_CLUSTERSETS,
+                     filter_subjects=[subjects.CLUSTERSETS_ALL], state_model=PlannerState, handle=on_event,
+                     key=intent_key),  # fmt: skip
+        Subscription(durable="planner-facts", stream=subjects.STREAM_FLEET,
+                     filter_subjects=[subjects.fleet_filter(f.type_name()) for f in FACTS],
+                     state_model=PlannerState, handle=on_event, key=fact_key),  # fmt: skip
+    ]
+
+
+SPEC = ServiceSpec(name="planner", subscriptions=subscriptions)

@@ -1,0 +1,256 @@
+"""The planner's pure core: decide(state, event) -> events and evolve(state, event) -> state.
+
+The aggregate is one ClusterSet. Desired membership comes from the accepted spec's `count`;
+actual membership from the planner's own requests/retirements plus lifecycle facts, so
+that scale-down can retire the lowest-risk clusters first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from shared.events import (
+    ClusterDeprovisioned,
+    ClusterInfraFailed,
+    ClusterProvisioned,
+    ClusterProvisioningFailed,
+    ClusterReady,
+    ClusterRequested,
+    ClusterRetirementRequested,
+    ClusterSetAccepted,
+    ClusterSetApplied,
+    ClusterSetDeleted,
+    ClusterSetRejected,
+    ClusterSetRetired,
+    ClusterSpec,
+    Envelope,
+    FieldError,
+    Location,
+    decode_payload,
+    new_event,
+    validate_clusterset,
+)  # fmt: skip
+from shared.events.clusterset import ClusterSet, UpdateStrategy
+from shared.events.models import Event
+
+SOURCE = "planner"
+
+
+class Member(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cluster_id: str
+    serial: int
+    config_hash: str
+    generation: int
+    state: str = "REQUESTED"
+    retiring: bool = False
+
+
+class PlannerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    generation: int = 0
+    document_hash: str | None = None
+    location: Location | None = None
+    cluster_type: str | None = None
+    spec: ClusterSpec | None = None
+    update_strategy: UpdateStrategy | None = None
+    count: int = 0
+    config_hash: str | None = None
+    deleted: bool = False
+    next_serial: int = 0
+    members: dict[str, Member] = {}
+
+    def alive(self) -> list[Member]:
+        return [m for m in self.members.values() if not m.retiring]
+
+
+# Lower rank = less risky to retire (carries no or least workload).
+_RETIRE_RANK = {"FAILED": 0, "REQUESTED": 1, "PROVISIONING": 2, "PROVISIONED": 3, "INSTALLING": 4,
+                "UPDATING": 5, "READY": 6}  # fmt: skip
+
+
+def cluster_id_for(name: str, serial: int) -> str:
+    """Stable id: the set name plus a short suffix that is a bijection of the serial (no collisions)."""
+    if serial < 0x10000:
+        suffix = format((serial * 0x9E37 + 0x7F3A) % 0x10000, "04x")
+    else:
+        suffix = format(serial, "x")
+    return f"{name}-{suffix}"
+
+
+def document_hash(cs: ClusterSet) -> str:
+    canonical = json.dumps(cs.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def retirement_order(state: PlannerState) -> list[Member]:
+    """Alive members, lowest risk first: failed/not-ready before READY, outdated first, newest first."""
+    return sorted(
+        state.alive(),
+        key=lambda m: (_RETIRE_RANK.get(m.state, 0), m.config_hash == state.config_hash, -m.serial),
+    )
+
+
+# ---------------------------------------------------------------- evolve
+def evolve(state: PlannerState | None, env: Envelope) -> PlannerState | None:
+    """Fold one event into the state. Pure; applying the same event twice equals once."""
+    payload = _payload(env)
+    if payload is None:
+        return state
+    if isinstance(payload, ClusterSetAccepted):
+        base = state or PlannerState(name=payload.clusterset)
+        return base.model_copy(update=dict(
+            generation=max(base.generation, payload.generation), document_hash=payload.document_hash,
+            location=payload.location, cluster_type=payload.cluster_type, spec=payload.spec,
+            update_strategy=payload.update_strategy, count=payload.count, config_hash=payload.config_hash,
+            deleted=False,
+        ))  # fmt: skip
+    if state is None:
+        return None
+    if isinstance(payload, ClusterSetRetired):
+        return state.model_copy(update={"deleted": True, "count": 0})
+    if isinstance(payload, ClusterRequested):
+        if payload.cluster_id in state.members:
+            return state
+        member = Member(cluster_id=payload.cluster_id, serial=payload.serial, config_hash=payload.config_hash,
+                        generation=payload.generation)  # fmt: skip
+        return state.model_copy(update={
+            "members": {**state.members, member.cluster_id: member},
+            "next_serial": max(state.next_serial, payload.serial + 1),
+        })  # fmt: skip
+    if isinstance(payload, ClusterRetirementRequested):
+        return _update_member(state, payload.cluster_id, retiring=True)
+    if isinstance(payload, ClusterDeprovisioned):
+        if payload.cluster_id not in state.members:
+            return state
+        return state.model_copy(update={"members": {k: v for k, v in state.members.items()
+                                                    if k != payload.cluster_id}})  # fmt: skip
+    fact_state = {ClusterProvisioned: "PROVISIONED", ClusterReady: "READY", ClusterProvisioningFailed: "FAILED",
+                  ClusterInfraFailed: "FAILED"}.get(type(payload))  # fmt: skip
+    if fact_state:
+        return _update_member(state, payload.cluster_id, state=fact_state)  # type: ignore[attr-defined]
+    return state
+
+
+def _update_member(plan: PlannerState, cluster_id: str, **changes: Any) -> PlannerState:
+    member = plan.members.get(cluster_id)
+    if member is None:
+        return plan
+    updated = member.model_copy(update=changes)
+    if updated == member:
+        return plan
+    return plan.model_copy(update={"members": {**plan.members, cluster_id: updated}})
+
+
+def _payload(env: Envelope) -> Event | None:
+    try:
+        return decode_payload(env)
+    except (KeyError, ValidationError):
+        return None
+
+
+# ---------------------------------------------------------------- decide
+def decide(state: PlannerState | None, env: Envelope) -> list[Envelope]:
+    """The events the planner emits for one incoming event, given the state before it."""
+    if env.type == ClusterSetApplied.type_name():
+        return _decide_apply(state, env)
+    if env.type == ClusterSetDeleted.type_name():
+        return _decide_delete(state, env)
+    return []  # lifecycle facts only update membership
+
+
+def _decide_apply(state: PlannerState | None, env: Envelope) -> list[Envelope]:
+    document = env.data.get("document")
+    cs, errors = validate_clusterset(document)
+    if cs is not None and state is not None and not state.deleted and state.location is not None:
+        errors = _immutable_field_errors(state, cs)
+    if cs is None or errors:
+        return [_rejected(env, document, errors)]
+    doc_hash = document_hash(cs)
+    same = state is not None and not state.deleted and state.document_hash == doc_hash
+    generation = state.generation if (same and state) else (state.generation + 1 if state else 1)
+    spec = cs.spec.cluster_spec()
+    accepted = new_event(ClusterSetAccepted(
+        clusterset=cs.metadata.name, location=cs.metadata.location, generation=generation,
+        cluster_type=cs.metadata.cluster_type, count=cs.spec.count, config_hash=spec.config_hash(),
+        spec=spec, update_strategy=cs.spec.update_strategy, document_hash=doc_hash,
+    ), source=SOURCE, cause=env)  # fmt: skip
+    after = evolve(state, accepted)
+    assert after is not None
+    return [accepted, *reconcile(after, env)]
+
+
+def _immutable_field_errors(state: PlannerState, cs: ClusterSet) -> list[FieldError]:
+    errors = []
+    if state.location != cs.metadata.location:
+        errors.append(FieldError(field="metadata.location",
+                                 message="cannot change for an existing ClusterSet; delete it and apply a new one"))
+    if state.cluster_type != cs.metadata.cluster_type:
+        errors.append(FieldError(field="metadata.clusterType",
+                                 message="cannot change for an existing ClusterSet; delete it and apply a new one"))
+    return errors
+
+
+def _rejected(env: Envelope, document: Any, errors: list[FieldError]) -> Envelope:
+    meta = document.get("metadata") if isinstance(document, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    loc = meta.get("location") if isinstance(meta.get("location"), dict) else {}
+    as_str = lambda v: v if isinstance(v, str) else None  # noqa: E731
+    return new_event(ClusterSetRejected(
+        clusterset=as_str(meta.get("name")), cloud=as_str(loc.get("cloud")), region=as_str(loc.get("region")),
+        errors=errors,
+    ), source=SOURCE, cause=env)  # fmt: skip
+
+
+def _decide_delete(state: PlannerState | None, env: Envelope) -> list[Envelope]:
+    if state is None or state.deleted or state.location is None:
+        return []
+    alive = sorted(state.alive(), key=lambda m: m.serial)
+    retired = new_event(ClusterSetRetired(
+        clusterset=state.name, location=state.location, generation=state.generation,
+        clusters=[m.cluster_id for m in alive],
+    ), source=SOURCE, cause=env)  # fmt: skip
+    return [retired, *(_retire(state, m, env, "clusterset-deleted") for m in alive)]
+
+
+def reconcile(state: PlannerState, cause: Envelope) -> list[Envelope]:
+    """Requests or retirements that bring the alive membership to `count`."""
+    alive = state.alive()
+    if len(alive) < state.count:
+        return [_request(state, state.next_serial + i, cause) for i in range(state.count - len(alive))]
+    if len(alive) > state.count:
+        victims = retirement_order(state)[: len(alive) - state.count]
+        return [_retire(state, m, cause, "scale-down") for m in victims]
+    return []
+
+
+def _request(state: PlannerState, serial: int, cause: Envelope) -> Envelope:
+    assert state.location and state.spec and state.config_hash and state.cluster_type
+    cluster_id = cluster_id_for(state.name, serial)
+    return new_event(ClusterRequested(
+        cluster_id=cluster_id, clusterset=state.name, location=state.location, serial=serial,
+        cluster_type=state.cluster_type, generation=state.generation, config_hash=state.config_hash,
+        spec=state.spec,
+    ), source=SOURCE, cause=cause, discriminator=cluster_id)  # fmt: skip
+
+
+def _retire(state: PlannerState, member: Member, cause: Envelope, reason: str) -> Envelope:
+    assert state.location
+    return new_event(ClusterRetirementRequested(
+        cluster_id=member.cluster_id, clusterset=state.name, location=state.location,
+        reason=reason,  # type: ignore[arg-type]
+    ), source=SOURCE, cause=cause, discriminator=member.cluster_id)  # fmt: skip
+
+
+def handle(state: PlannerState | None, env: Envelope) -> tuple[PlannerState | None, list[Envelope]]:
+    """decide, then fold the input and every emitted event into the state."""
+    events = decide(state, env)
+    new_state = evolve(state, env)
+    for e in events:
+        new_state = evolve(new_state, e)
+    return new_state, events

@@ -1,0 +1,651 @@
+"""The projection itself: FLEET events folded into read models. Pure: no I/O, no clock.
+
+`apply(views, seq, envelope)` mutates plain dicts (the JSON documents served by the API)
+and is deterministic: every timestamp comes from the envelope's `time` and every document
+is serialised canonically (sorted keys), so replaying FLEET from sequence 1 into empty views
+yields byte-identical JSON. Exact repeats are recognised by event id (`views.applied`), so
+applying an event twice equals applying it once, whatever sequence it arrived at.
+
+Cluster state machine (ARCHITECTURE.md), with guards:
+- provisioning / install facts only move a cluster forward along
+  REQUESTED → PROVISIONING → PROVISIONED → INSTALLING → READY (during an update they keep it UPDATING);
+- once retiring (retirement requested or a resource deprovisioned) or DELETED, provisioning,
+  install, update and drain facts no longer change the cluster; DELETED is final;
+- a failure records {code, message, retryable, step/service, operation, fromState}; a later
+  success (e.g. ClusterReady after a retryable failure) clears it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
+
+from shared.catalog import CATALOG
+from shared.events import Envelope, decode_payload
+from shared.events import models as m
+from shared.events.clusterset import ClusterSpec, InfraServiceRef
+
+Doc = dict[str, Any]
+
+CLUSTER_STATES: tuple[str, ...] = m.CLUSTER_STATES
+# Creation pipeline order: a fact never moves a cluster back along it.
+_RANK = {"REQUESTED": 0, "PROVISIONING": 1, "PROVISIONED": 2, "INSTALLING": 3, "READY": 4}
+# The filters /v1/clusters offers, each backed by one Redis index set per value.
+INDEX_FIELDS: tuple[str, ...] = ("clusterset", "state", "env", "cloud", "region", "clusterType")
+# Payload fields left out of history entries: repeated in the entry itself, or too large.
+_HISTORY_OMIT = {"location", "cluster_id", "clusterset", "spec", "resources", "document", "clusters"}
+
+
+# ---------------------------------------------------------------- helpers
+def ts(value: datetime) -> str:
+    """RFC 3339 UTC timestamp with a 'Z', microseconds only when present: one spelling per instant."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    frac = f".{value.microsecond:06d}" if value.microsecond else ""
+    return value.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
+
+
+def canonical(obj: Any) -> str:
+    """The one serialisation of a document: sorted keys, no whitespace. Byte-for-byte comparable."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@lru_cache(maxsize=4096)
+def _camel_key(key: str) -> str:
+    return to_camel(key)
+
+
+def _camel(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {_camel_key(k) if isinstance(k, str) else k: _camel(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_camel(v) for v in obj]
+    return obj
+
+
+def _spec_doc(spec: ClusterSpec) -> Doc:
+    return spec.model_dump(mode="json", by_alias=True)
+
+
+def _requested_services(spec: ClusterSpec) -> list[Doc]:
+    """Every service the spec lists, PENDING, with the version asked for (or the catalog default)."""
+    out: list[Doc] = []
+    for item in spec.infra_services:
+        name = item if isinstance(item, str) else item.name
+        version = item.version if isinstance(item, InfraServiceRef) and item.version else None
+        if version is None:
+            d = CATALOG.get(name)
+            version = d.version if d else ""
+        out.append({"name": name, "version": version, "state": "PENDING"})
+    return out
+
+
+def _network_doc(cloud: str | None, net: m.NetworkInfo) -> Doc:
+    doc: Doc = {"networkId": net.network_id, "subnetIds": list(net.subnet_ids), "owned": net.owned}
+    # The cloud's own word for it, as operators read it in their console.
+    alias = {"aws": "vpcId", "azure": "vnetId"}.get(cloud or "")
+    if alias:
+        doc[alias] = net.network_id
+    return doc
+
+
+# ---------------------------------------------------------------- the views
+@dataclass
+class Views:
+    """The read models an `apply` call may touch.
+
+    The projector loads only the documents a batch touches; unit tests start empty and keep
+    everything. `history` holds the entries appended (all of them when starting empty), keyed
+    "cluster:<id>" / "clusterset:<name>". `applied` maps event id → the stream sequence that
+    applied it (the projector preloads the ids of the batch that are already known).
+    """
+
+    clusters: dict[str, Doc] = field(default_factory=dict)
+    clustersets: dict[str, Doc] = field(default_factory=dict)
+    history: dict[str, list[Doc]] = field(default_factory=dict)
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def dump(self) -> dict[str, str]:
+        """Everything as canonical JSON, keyed like the Redis layout (for equality checks in tests)."""
+        out: dict[str, str] = {}
+        for cid, doc in self.clusters.items():
+            out[f"cluster:{cid}"] = canonical(doc)
+        for name, doc in self.clustersets.items():
+            out[f"clusterset:{name}"] = canonical(doc)
+        for key, entries in self.history.items():
+            out[f"history:{key}"] = "[" + ",".join(canonical(e) for e in entries) + "]"
+        out["applied"] = canonical({eid: str(seq) for eid, seq in self.applied.items()})  # as Redis hashes hold it
+        return dict(sorted(out.items()))
+
+
+def touched(env: Envelope) -> tuple[str | None, str | None]:
+    """(cluster id, clusterset name) an envelope may change, read from raw data without decoding."""
+    cid = env.data.get("cluster_id")
+    name = env.data.get("clusterset")
+    return (cid if isinstance(cid, str) else None, name if isinstance(name, str) else None)
+
+
+def index_entries(doc: Doc | None) -> set[tuple[str, str]]:
+    """(field, value) pairs of the filter indexes a cluster document belongs to."""
+    if not doc:
+        return set()
+    loc = doc.get("location") or {}
+    values = {
+        "clusterset": doc.get("clusterset"),
+        "state": doc.get("state"),
+        "env": loc.get("env"),
+        "cloud": loc.get("cloud"),
+        "region": loc.get("region"),
+        "clusterType": doc.get("clusterType"),
+    }
+    return {(k, v) for k, v in values.items() if isinstance(v, str) and v}
+
+
+# ---------------------------------------------------------------- entry point
+def apply(views: Views, seq: int, env: Envelope) -> bool:
+    """Fold one event into the views. Returns False when it changed nothing (repeat, unknown, undecodable)."""
+    if env.id in views.applied:
+        return False
+    handler = _HANDLERS.get(env.type)
+    if handler is None:
+        return False
+    try:
+        payload = decode_payload(env)
+    except (KeyError, ValidationError, ValueError):
+        # A malformed fact cannot be projected; skipping it is deterministic, so replays agree.
+        return False
+    views.applied[env.id] = seq
+    handler(views, seq, env, payload)
+    return True
+
+
+def _history_entry(seq: int, env: Envelope, time: str) -> Doc:
+    detail = {k: v for k, v in env.data.items() if k not in _HISTORY_OMIT}
+    return {
+        "id": env.id,
+        "type": env.type,
+        "time": time,
+        "source": env.source,
+        "seq": seq,
+        "correlationId": env.correlation_id,
+        "causationId": env.causation_id,
+        "detail": _camel(detail),
+    }
+
+
+def _record(views: Views, key: str, doc: Doc, seq: int, env: Envelope, time: str) -> None:
+    views.history.setdefault(key, []).append(_history_entry(seq, env, time))
+    doc["updatedAt"] = time
+    doc["lastEventId"] = env.id
+    doc["lastEventSeq"] = seq
+    doc["eventCount"] = int(doc.get("eventCount") or 0) + 1
+
+
+# ---------------------------------------------------------------- clusters
+def new_cluster(cluster_id: str, clusterset: str, location: Doc, time: str) -> Doc:
+    return {
+        "id": cluster_id,
+        "name": cluster_id,
+        "kind": "Cluster",
+        "clusterset": clusterset,
+        "location": location,
+        "clusterType": None,
+        "state": "REQUESTED",
+        "generation": None,
+        "configHash": None,
+        "spec": None,
+        "desired": None,
+        "endpoint": None,
+        "caFingerprint": None,
+        "credentialRef": None,
+        "network": None,
+        "resources": {},
+        "infraServices": [],
+        "failure": None,
+        "retiring": False,
+        "retirement": None,
+        "rolloutId": None,
+        "drain": None,
+        "controlPlaneOperation": None,
+        "conditions": [],
+        "createdAt": time,
+        "updatedAt": time,
+        "lastTransitionTime": time,
+        "lastEventId": None,
+        "lastEventSeq": None,
+        "eventCount": 0,
+    }
+
+
+def _frozen(doc: Doc) -> bool:
+    """Retiring or gone: lifecycle facts from before the retirement no longer change it."""
+    return bool(doc["retiring"]) or doc["state"] == "DELETED"
+
+
+def _set_state(doc: Doc, state: str, time: str) -> None:
+    if doc["state"] != state:
+        doc["state"] = state
+        doc["lastTransitionTime"] = time
+    if state != "FAILED":
+        doc["failure"] = None
+
+
+def _progress(doc: Doc, target: str, time: str) -> None:
+    """A success fact of the creation pipeline: move forward, never back; clears a failure."""
+    if _frozen(doc):
+        return
+    current = doc["state"]
+    base = current
+    if current == "FAILED":  # judge the fact against where the cluster was when it failed
+        base = (doc["failure"] or {}).get("fromState") or "REQUESTED"
+    if base == "UPDATING" and target != "READY":
+        new = "UPDATING"
+    elif base in _RANK:
+        new = target if _RANK[target] >= _RANK[base] else base
+    elif base in ("DRAINING", "DRAINED"):
+        new = base
+    else:  # pragma: no cover - every other state is handled above or frozen
+        new = target
+    _set_state(doc, new, time)
+
+
+def _fail(doc: Doc, time: str, env: Envelope, **info: Any) -> None:
+    current = doc["state"]
+    from_state = current
+    if current == "FAILED":  # failing again: keep where the cluster was before the first failure
+        from_state = (doc["failure"] or {}).get("fromState") or "REQUESTED"
+    doc["failure"] = {
+        "code": info.get("code"),
+        "message": info.get("message"),
+        "retryable": info.get("retryable"),
+        "operation": info.get("operation"),
+        "step": info.get("step"),
+        "service": info.get("service"),
+        "object": info.get("object"),
+        "fromState": from_state,
+        "eventId": env.id,
+        "time": time,
+    }
+    if current != "FAILED":
+        doc["state"] = "FAILED"
+        doc["lastTransitionTime"] = time
+
+
+def _upsert_service(doc: Doc, name: str, version: str | None, state: str) -> None:
+    for entry in doc["infraServices"]:
+        if entry["name"] == name:
+            if version is not None:
+                entry["version"] = version
+            entry["state"] = state
+            return
+    doc["infraServices"].append({"name": name, "version": version or "", "state": state})
+
+
+def _condition(doc: Doc, ctype: str, status: bool, reason: str, message: str, time: str) -> Doc:
+    """A Kubernetes-style condition; lastTransitionTime only moves when the status flips."""
+    value = "True" if status else "False"
+    previous = next((c for c in doc["conditions"] if c["type"] == ctype), None)
+    since = previous["lastTransitionTime"] if previous and previous["status"] == value else time
+    return {"type": ctype, "status": value, "reason": reason, "message": message, "lastTransitionTime": since}
+
+
+def _refresh_conditions(doc: Doc, time: str) -> None:
+    state = doc["state"]
+    conds = [_condition(doc, "Ready", state == "READY", state.title(), f"cluster is {state}", time)]
+    failure = doc["failure"]
+    if failure:
+        conds.append(_condition(doc, "Failed", True, str(failure["code"] or "Failed"),
+                                str(failure["message"] or ""), time))  # fmt: skip
+    if doc["retiring"] and state != "DELETED":
+        reason = (doc["retirement"] or {}).get("reason") or "retiring"
+        conds.append(_condition(doc, "Retiring", True, str(reason), "cluster is being retired", time))
+    doc["conditions"] = conds
+
+
+def _cluster_handler(fn: Callable[[Doc, m.ClusterEvent, Envelope, str], None]) -> _Handler:
+    def handle(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+        assert isinstance(payload, m.ClusterEvent)
+        time = ts(env.time)
+        doc = views.clusters.get(payload.cluster_id)
+        if doc is None:
+            # Normally ClusterRequested comes first; a cluster first seen through a later fact still gets a view.
+            location = payload.location.model_dump(mode="json", by_alias=True)
+            doc = views.clusters[payload.cluster_id] = new_cluster(
+                payload.cluster_id, payload.clusterset, location, time
+            )
+        fn(doc, payload, env, time)
+        _refresh_conditions(doc, time)
+        _record(views, f"cluster:{payload.cluster_id}", doc, seq, env, time)
+
+    return handle
+
+
+def _requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterRequested)
+    if doc["spec"] is not None:  # requested once; a second request for the same id changes nothing
+        return
+    doc.update(
+        clusterType=p.cluster_type, generation=p.generation, configHash=p.config_hash, spec=_spec_doc(p.spec)
+    )
+    known = {s["name"] for s in doc["infraServices"]}
+    doc["infraServices"] += [s for s in _requested_services(p.spec) if s["name"] not in known]
+
+
+def _resource_provisioned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterResourceProvisioned)
+    if _frozen(doc):
+        return
+    doc["resources"][p.step] = p.resources
+    _progress(doc, "PROVISIONING", time)
+
+
+def _provisioned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterProvisioned)
+    if _frozen(doc):
+        return
+    doc["endpoint"] = p.endpoint
+    doc["caFingerprint"] = p.ca_fingerprint
+    doc["credentialRef"] = p.credential_ref
+    doc["network"] = _network_doc(p.location.cloud, p.network)
+    for step, resources in p.resources.items():
+        doc["resources"][step] = resources
+    _progress(doc, "PROVISIONED", time)
+
+
+def _service_installed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.InfraServiceInstalled)
+    if _frozen(doc):
+        return
+    _upsert_service(doc, p.service, p.version, "INSTALLED")
+    _progress(doc, "INSTALLING", time)
+
+
+def _ready(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterReady)
+    if _frozen(doc):
+        return
+    doc["endpoint"] = p.endpoint
+    doc["clusterType"] = p.cluster_type
+    desired = doc["desired"]
+    if desired and desired.get("configHash") == p.config_hash:
+        doc.update(generation=desired["generation"], spec=desired["spec"])
+        doc["desired"] = None
+    doc["configHash"] = p.config_hash
+    installed = [s for s in p.infra_services if isinstance(s.get("name"), str)]
+    if installed:
+        doc["infraServices"] = [
+            {"name": s["name"], "version": s.get("version", ""), "state": "INSTALLED"} for s in installed
+        ]
+    else:
+        for entry in doc["infraServices"]:
+            if entry["state"] == "PENDING":
+                entry["state"] = "INSTALLED"
+    _progress(doc, "READY", time)
+
+
+def _update_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterUpdateRequested)
+    if _frozen(doc):
+        return
+    doc["desired"] = {
+        "generation": p.generation, "configHash": p.config_hash, "spec": _spec_doc(p.spec), "changes": p.changes,
+    }  # fmt: skip
+    known = {s["name"] for s in doc["infraServices"]}
+    doc["infraServices"] += [s for s in _requested_services(p.spec) if s["name"] not in known]
+    if doc["state"] in ("READY", "UPDATING"):
+        _set_state(doc, "UPDATING", time)
+
+
+def _drain_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterDrainRequested)
+    if _frozen(doc):
+        return
+    doc["rolloutId"] = p.rollout_id or doc["rolloutId"]
+    if doc["state"] in ("DRAINING", "DRAINED"):
+        return
+    doc["drain"] = {"requestedAt": time, "drainedAt": None, "timedOut": False}
+    _set_state(doc, "DRAINING", time)
+
+
+def _drained(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterDrained)
+    if _frozen(doc):
+        return
+    doc["rolloutId"] = p.rollout_id or doc["rolloutId"]
+    drain = doc["drain"] or {"requestedAt": None}
+    doc["drain"] = {**drain, "drainedAt": time, "timedOut": p.timed_out}
+    _set_state(doc, "DRAINED", time)
+
+
+def _retirement_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterRetirementRequested)
+    if doc["state"] == "DELETED" or doc["retiring"]:
+        return
+    doc["retiring"] = True
+    doc["retirement"] = {"reason": p.reason, "drain": p.drain, "requestedAt": time}
+    _set_state(doc, "DELETING", time)
+
+
+def _resource_deprovisioned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterResourceDeprovisioned)
+    if doc["state"] == "DELETED":
+        return
+    doc["resources"].pop(p.step, None)
+    if not doc["retiring"]:
+        doc["retiring"] = True
+        doc["retirement"] = {"reason": None, "drain": False, "requestedAt": time}
+    _set_state(doc, "DELETING", time)
+
+
+def _deprovisioned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterDeprovisioned)
+    if doc["state"] == "DELETED":
+        return
+    doc["retiring"] = True
+    doc["resources"] = {}
+    _set_state(doc, "DELETED", time)
+
+
+def _provisioning_failed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterProvisioningFailed)
+    if doc["state"] == "DELETED":
+        return
+    if p.operation == "provision" and doc["retiring"]:
+        return  # a provisioning attempt that lost the race against the retirement: no longer relevant
+    _fail(doc, time, env, code=p.code, message=p.message, retryable=p.retryable, operation=p.operation,
+          step=p.step)  # fmt: skip
+
+
+def _infra_failed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterInfraFailed)
+    if _frozen(doc):
+        return
+    _upsert_service(doc, p.service, None, "FAILED")
+    _fail(doc, time, env, code="InfraServiceFailed", message=p.reason, retryable=p.retryable,
+          operation="install", service=p.service, object=p.object)  # fmt: skip
+
+
+_CP_STATE = {
+    "ControlPlaneMigrationRequested": ("migration", "REQUESTED"),
+    "ControlPlaneMigrationStepCompleted": ("migration", "RUNNING"),
+    "ControlPlaneMigrationCompleted": ("migration", "COMPLETED"),
+    "ControlPlaneMigrationFailed": ("migration", "FAILED"),
+    "ControlPlaneMigrationRolledBack": ("migration", "ROLLED_BACK"),
+    "ControlPlaneUpgradeRequested": ("upgrade", "REQUESTED"),
+    "ControlPlaneUpgradeStepCompleted": ("upgrade", "RUNNING"),
+    "ControlPlaneUpgradeCompleted": ("upgrade", "COMPLETED"),
+    "ControlPlaneUpgradeFailed": ("upgrade", "FAILED"),
+}
+
+
+def _control_plane(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    """Migration / upgrade progress: shown on the cluster, no cluster state change (it stays serving)."""
+    assert isinstance(p, m.ControlPlaneEvent)
+    if doc["state"] == "DELETED":
+        return
+    kind, state = _CP_STATE[env.type]
+    op = doc["controlPlaneOperation"]
+    if not op or op.get("operationId") != p.operation_id:
+        op = {"operationId": p.operation_id, "kind": kind, "startedAt": time, "phase": None, "step": None,
+              "node": None, "toVersion": None, "availabilityPct": None, "reason": None}  # fmt: skip
+    op = {**op, "state": state, "updatedAt": time}
+    for attr, key in (("phase", "phase"), ("step", "step"), ("node", "node"), ("to_version", "toVersion"),
+                      ("availability_pct", "availabilityPct"), ("reason", "reason")):  # fmt: skip
+        if hasattr(p, attr) and getattr(p, attr) is not None:
+            op[key] = getattr(p, attr)
+    if isinstance(p, m.ControlPlaneMigrationRolledBack):
+        op["step"] = p.from_step
+    doc["controlPlaneOperation"] = op
+
+
+# ---------------------------------------------------------------- cluster sets
+def new_clusterset(name: str, time: str) -> Doc:
+    return {
+        "name": name,
+        "kind": "ClusterSet",
+        "accepted": False,
+        "deleted": False,
+        "generation": None,
+        "configHash": None,
+        "clusterType": None,
+        "location": None,
+        "count": None,
+        "spec": None,
+        "updateStrategy": None,
+        "lastRejection": None,
+        "rollout": None,
+        "retiredClusters": [],
+        "createdAt": time,
+        "acceptedAt": None,
+        "retiredAt": None,
+        "updatedAt": time,
+        "lastEventId": None,
+        "lastEventSeq": None,
+        "eventCount": 0,
+    }
+
+
+def _clusterset_handler(fn: Callable[[Doc, Any, Envelope, str], None]) -> _Handler:
+    def handle(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+        name = getattr(payload, "clusterset", None)
+        if not name:
+            return  # a rejected document without a usable name: nothing to show it under
+        time = ts(env.time)
+        doc = views.clustersets.get(name)
+        if doc is None:
+            doc = views.clustersets[name] = new_clusterset(name, time)
+        fn(doc, payload, env, time)
+        _record(views, f"clusterset:{name}", doc, seq, env, time)
+
+    return handle
+
+
+def _set_accepted(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetAccepted)
+    current = doc["generation"]
+    if current is not None and (p.generation < current or (p.generation == current and doc["deleted"])):
+        return  # an older generation (or the one already retired) never overwrites a newer state
+    doc.update(
+        accepted=True,
+        deleted=False,
+        generation=p.generation,
+        configHash=p.config_hash,
+        clusterType=p.cluster_type,
+        location=p.location.model_dump(mode="json", by_alias=True),
+        count=p.count,
+        spec=_spec_doc(p.spec),
+        updateStrategy=p.update_strategy.model_dump(mode="json", by_alias=True),
+        acceptedAt=time,
+        retiredAt=None,
+        retiredClusters=[],
+    )
+
+
+def _set_rejected(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetRejected)
+    doc["lastRejection"] = {
+        "eventId": env.id,
+        "time": time,
+        "cloud": p.cloud,
+        "region": p.region,
+        "errors": [e.model_dump(mode="json") for e in p.errors],
+    }
+
+
+def _set_retired(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetRetired)
+    if doc["generation"] is not None and p.generation < doc["generation"]:
+        return  # retirement of a generation that was since re-applied
+    doc.update(deleted=True, retiredAt=time, retiredClusters=sorted(p.clusters), generation=p.generation)
+    if doc["location"] is None:
+        doc["location"] = p.location.model_dump(mode="json", by_alias=True)
+
+
+_ROLLOUT_STATE = {
+    "RolloutRequested": "REQUESTED",
+    "RolloutStarted": "IN_PROGRESS",
+    "RolloutProgressed": "IN_PROGRESS",
+    "RolloutCompleted": "COMPLETED",
+    "RolloutPaused": "PAUSED",
+    "RolloutRolledBack": "ROLLED_BACK",
+}
+
+
+def _rollout(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    """The set's current (latest) rollout."""
+    rollout = doc["rollout"]
+    if not rollout or rollout.get("rolloutId") != p.rollout_id:
+        if rollout and rollout.get("state") in ("REQUESTED", "IN_PROGRESS", "PAUSED") and not isinstance(
+            p, m.RolloutRequested
+        ):
+            return  # a stray fact of an older rollout does not replace the one running
+        rollout = {"rolloutId": p.rollout_id, "startedAt": None, "fromConfigHashes": [], "toConfigHash": None,
+                   "generation": None, "replaced": 0, "remaining": None, "reason": None}  # fmt: skip
+    rollout = {**rollout, "state": _ROLLOUT_STATE[env.type], "updatedAt": time}
+    if isinstance(p, m.RolloutRequested):
+        rollout.update(fromConfigHashes=list(p.from_config_hashes), toConfigHash=p.to_config_hash,
+                       generation=p.generation)  # fmt: skip
+    elif isinstance(p, m.RolloutStarted):
+        rollout.update(startedAt=time, toConfigHash=p.to_config_hash)
+    elif isinstance(p, m.RolloutProgressed):
+        rollout.update(replaced=p.replaced, remaining=p.remaining)
+    elif isinstance(p, m.RolloutCompleted):
+        rollout.update(remaining=0)
+    elif isinstance(p, m.RolloutPaused | m.RolloutRolledBack):
+        rollout.update(reason=p.reason)
+    doc["rollout"] = rollout
+
+
+_Handler = Callable[[Views, int, Envelope, m.Event], None]
+
+_HANDLERS: dict[str, _Handler] = {
+    "ClusterRequested": _cluster_handler(_requested),
+    "ClusterResourceProvisioned": _cluster_handler(_resource_provisioned),
+    "ClusterProvisioned": _cluster_handler(_provisioned),
+    "InfraServiceInstalled": _cluster_handler(_service_installed),
+    "ClusterReady": _cluster_handler(_ready),
+    "ClusterUpdateRequested": _cluster_handler(_update_requested),
+    "ClusterDrainRequested": _cluster_handler(_drain_requested),
+    "ClusterDrained": _cluster_handler(_drained),
+    "ClusterRetirementRequested": _cluster_handler(_retirement_requested),
+    "ClusterResourceDeprovisioned": _cluster_handler(_resource_deprovisioned),
+    "ClusterDeprovisioned": _cluster_handler(_deprovisioned),
+    "ClusterProvisioningFailed": _cluster_handler(_provisioning_failed),
+    "ClusterInfraFailed": _cluster_handler(_infra_failed),
+    **{name: _cluster_handler(_control_plane) for name in _CP_STATE},
+    "ClusterSetAccepted": _clusterset_handler(_set_accepted),
+    "ClusterSetRejected": _clusterset_handler(_set_rejected),
+    "ClusterSetRetired": _clusterset_handler(_set_retired),
+    **{name: _clusterset_handler(_rollout) for name in _ROLLOUT_STATE},
+}
+
+# Every FLEET event type must be projected: a new type without a handler fails the unit tests.
+HANDLED_TYPES: frozenset[str] = frozenset(_HANDLERS)

@@ -1,0 +1,308 @@
+"""Redis layout of the read models, and the reads and writes on it.
+
+Everything of one view namespace lives under `{prefix}:views:{<namespace>}:` (the braces are a
+Redis Cluster hash tag, so one namespace is one slot and a batch commits in one MULTI/EXEC):
+
+    cluster:<id>                    JSON document (canonical: sorted keys)
+    clusterset:<name>               JSON document
+    history:cluster:<id>            list of JSON history entries, oldest first
+    history:clusterset:<name>       list of JSON history entries
+    idx:all                         set of every cluster id
+    idx:<field>:<value>             set of cluster ids, field in clusterset/state/env/cloud/region/clusterType
+    sets                            set of every cluster set name
+    applied                         hash event id -> stream sequence that applied it (dedupe)
+    checkpoint                      last applied FLEET sequence (written in the same EXEC as the views)
+
+`{prefix}:views:current` names the namespace the API serves and the projector follows
+(default `live`); a rebuild fills a fresh namespace and then switches this pointer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.status_projector.core import CLUSTER_STATES, Doc, Views, canonical, index_entries
+
+DEFAULT_NAMESPACE = "live"
+
+
+def pointer_key(prefix: str) -> str:
+    return f"{prefix}:views:current"
+
+
+def namespace_counter_key(prefix: str) -> str:
+    return f"{prefix}:views:nsseq"
+
+
+async def current_namespace(redis: Redis, prefix: str) -> str:
+    value = await redis.get(pointer_key(prefix))
+    return str(value) if value else DEFAULT_NAMESPACE
+
+
+class ViewKeys:
+    """Key names of one namespace."""
+
+    def __init__(self, prefix: str, namespace: str) -> None:
+        self.prefix, self.namespace = prefix, namespace
+        self.base = f"{prefix}:views:{{{namespace}}}:"
+        self.checkpoint = self.base + "checkpoint"
+        self.applied = self.base + "applied"
+        self.sets = self.base + "sets"
+        self.all = self.base + "idx:all"
+
+    def cluster(self, cid: str) -> str:
+        return f"{self.base}cluster:{cid}"
+
+    def clusterset(self, name: str) -> str:
+        return f"{self.base}clusterset:{name}"
+
+    def history(self, key: str) -> str:
+        """`key` is "cluster:<id>" or "clusterset:<name>"."""
+        return f"{self.base}history:{key}"
+
+    def index(self, field: str, value: str) -> str:
+        return f"{self.base}idx:{field}:{value}"
+
+
+# ---------------------------------------------------------------- batch load / stage (projector side)
+class Loaded:
+    """The stored state a batch starts from: raw JSON per touched document, to diff against."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, str | None] = {}
+        self.clustersets: dict[str, str | None] = {}
+        # Index entries of each cluster as loaded: the core mutates the parsed documents in place.
+        self.indexed: dict[str, set[tuple[str, str]]] = {}
+
+
+async def load_batch(redis: Redis | Pipeline, keys: ViewKeys, cluster_ids: Sequence[str],
+                     set_names: Sequence[str], event_ids: Sequence[str]) -> tuple[Views, Loaded]:  # fmt: skip
+    """Documents and already-applied ids a batch needs. With a WATCHing pipeline these run immediately."""
+    views, loaded = Views(), Loaded()
+    if cluster_ids:
+        raws: list[Any] = await redis.mget([keys.cluster(c) for c in cluster_ids])
+        for cid, raw in zip(cluster_ids, raws, strict=True):
+            loaded.clusters[cid] = raw
+            if raw is not None:
+                doc = views.clusters[cid] = json.loads(raw)
+                loaded.indexed[cid] = index_entries(doc)
+    if set_names:
+        raws = await redis.mget([keys.clusterset(n) for n in set_names])
+        for name, raw in zip(set_names, raws, strict=True):
+            loaded.clustersets[name] = raw  # type: ignore[assignment]  # decode_responses: str or None
+            if raw is not None:
+                views.clustersets[name] = json.loads(raw)
+    if event_ids:
+        seqs = await redis.hmget(keys.applied, list(event_ids))
+        views.applied = {eid: int(s) for eid, s in zip(event_ids, seqs, strict=True) if s is not None}
+    return views, loaded
+
+
+def stage_batch(pipe: Pipeline, keys: ViewKeys, loaded: Loaded, views: Views, known_applied: Iterable[str],
+                checkpoint: int) -> int:  # fmt: skip
+    """Queue every change of a batch (inside MULTI). Returns the number of documents written."""
+    written = 0
+    for cid, doc in views.clusters.items():
+        raw = canonical(doc)
+        old_raw = loaded.clusters.get(cid)
+        if raw == old_raw:
+            continue
+        written += 1
+        pipe.set(keys.cluster(cid), raw)
+        old = loaded.indexed.get(cid, set())
+        new = index_entries(doc)
+        for field, value in sorted(old - new):
+            pipe.srem(keys.index(field, value), cid)
+        for field, value in sorted(new - old):
+            pipe.sadd(keys.index(field, value), cid)
+        if old_raw is None:
+            pipe.sadd(keys.all, cid)
+    for name, doc in views.clustersets.items():
+        raw = canonical(doc)
+        if raw == loaded.clustersets.get(name):
+            continue
+        written += 1
+        pipe.set(keys.clusterset(name), raw)
+        pipe.sadd(keys.sets, name)
+    for key, entries in views.history.items():
+        if entries:
+            pipe.rpush(keys.history(key), *(canonical(e) for e in entries))
+    known = set(known_applied)
+    fresh: dict[Any, Any] = {eid: str(seq) for eid, seq in views.applied.items() if eid not in known}
+    if fresh:
+        pipe.hset(keys.applied, mapping=fresh)
+    pipe.set(keys.checkpoint, checkpoint)
+    return written
+
+
+async def read_checkpoint(redis: Redis | Pipeline, keys: ViewKeys) -> int:
+    raw = await redis.get(keys.checkpoint)
+    return int(raw) if raw else 0
+
+
+async def clear_namespace(redis: Redis, prefix: str, namespace: str) -> int:
+    """Delete every key of a namespace (UNLINK: freed in the background). Returns how many."""
+    keys = ViewKeys(prefix, namespace)
+    deleted = 0
+    batch: list[str] = []
+    async for key in redis.scan_iter(match=_glob_escape(keys.base) + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += await redis.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += await redis.unlink(*batch)
+    return deleted
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+async def dump_views(redis: Redis, prefix: str, namespace: str | None = None,
+                     include_checkpoint: bool = False) -> dict[str, str]:  # fmt: skip
+    """Every read model of a namespace as canonical JSON, keyed by its key without the namespace.
+
+    Byte-for-byte comparable between namespaces (e.g. live views and a rebuild). Lists keep their
+    order; sets are sorted; hashes are sorted objects. The checkpoint is left out unless asked for:
+    two projections of the same stream are equal even when one has read further into an empty tail.
+    """
+    namespace = namespace or await current_namespace(redis, prefix)
+    keys = ViewKeys(prefix, namespace)
+    names = sorted([k async for k in redis.scan_iter(match=_glob_escape(keys.base) + "*", count=1000)])
+    if not include_checkpoint:
+        names = [k for k in names if k != keys.checkpoint]
+    out: dict[str, str] = {}
+    for start in range(0, len(names), 1000):
+        chunk = names[start:start + 1000]
+        pipe = redis.pipeline(transaction=False)
+        for key in chunk:
+            pipe.type(key)
+        kinds = await pipe.execute()
+        pipe = redis.pipeline(transaction=False)
+        for key, kind in zip(chunk, kinds, strict=True):
+            if kind == "string":
+                pipe.get(key)
+            elif kind == "list":
+                pipe.lrange(key, 0, -1)
+            elif kind == "set":
+                pipe.smembers(key)
+            elif kind == "hash":
+                pipe.hgetall(key)
+            else:
+                pipe.type(key)
+        values = await pipe.execute()
+        for key, kind, value in zip(chunk, kinds, values, strict=True):
+            rel = key[len(keys.base):]
+            if kind == "string":
+                out[rel] = str(value)
+            elif kind == "list":
+                out[rel] = "[" + ",".join(value) + "]"
+            elif kind == "set":
+                out[rel] = canonical(sorted(value))
+            elif kind == "hash":
+                out[rel] = canonical(value)
+            else:  # pragma: no cover - the projector writes no other type (or the key vanished meanwhile)
+                out[rel] = f"<{kind}>"
+    return out
+
+
+# ---------------------------------------------------------------- query side (API)
+class CursorError(ValueError):
+    pass
+
+
+def encode_cursor(kind: str, value: str | int) -> str:
+    """An opaque continuation token. Its content is not a contract; only round-tripping it is."""
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str, kind: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise CursorError("cursor is not a token returned by this API (malformed)") from exc
+    head, sep, value = raw.partition(":")
+    if not sep or head != kind or not value:
+        raise CursorError("cursor is not a token returned by this endpoint")
+    return value
+
+
+def page_after(ids: list[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
+    """A page of sorted ids strictly after `after`, and the id to continue after (None at the end)."""
+    start = bisect_right(ids, after) if after is not None else 0
+    page = ids[start:start + limit]
+    more = start + limit < len(ids)
+    return page, (page[-1] if more and page else None)
+
+
+class ViewReader:
+    """Reads of one namespace for the API."""
+
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self.redis, self.keys = redis, keys
+
+    async def cluster_ids(self, filters: dict[str, str]) -> list[str]:
+        """Sorted ids of the clusters matching every filter (SINTER of the index sets)."""
+        sets = [self.keys.index(f, v) for f, v in sorted(filters.items())] or [self.keys.all]
+        members = await (self.redis.smembers(sets[0]) if len(sets) == 1 else self.redis.sinter(sets))
+        return sorted(str(m) for m in members)
+
+    async def clusters(self, ids: Sequence[str]) -> list[Doc]:
+        if not ids:
+            return []
+        raws = await self.redis.mget([self.keys.cluster(c) for c in ids])
+        return [json.loads(r) for r in raws if r is not None]
+
+    async def cluster(self, cid: str) -> Doc | None:
+        raw = await self.redis.get(self.keys.cluster(cid))
+        return json.loads(raw) if raw else None
+
+    async def clusterset_names(self) -> list[str]:
+        return sorted(str(m) for m in await self.redis.smembers(self.keys.sets))
+
+    async def clustersets(self, names: Sequence[str]) -> dict[str, Doc]:
+        if not names:
+            return {}
+        raws = await self.redis.mget([self.keys.clusterset(n) for n in names])
+        return {n: json.loads(r) for n, r in zip(names, raws, strict=True) if r is not None}
+
+    async def clusterset(self, name: str) -> Doc | None:
+        raw = await self.redis.get(self.keys.clusterset(name))
+        return json.loads(raw) if raw else None
+
+    async def set_hashes(self, names: Iterable[str]) -> dict[str, str | None]:
+        docs = await self.clustersets(sorted(set(names)))
+        return {n: d.get("configHash") for n, d in docs.items()}
+
+    async def state_counts(self, names: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Clusters per state of each set, counted in Redis (SINTERCARD), without loading documents."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            for state in CLUSTER_STATES:
+                pipe.sintercard(2, [self.keys.index("clusterset", name), self.keys.index("state", state)])
+        results: list[Any] = await pipe.execute()
+        out: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(names):
+            chunk = results[i * len(CLUSTER_STATES):(i + 1) * len(CLUSTER_STATES)]
+            out[name] = {s: int(n) for s, n in zip(CLUSTER_STATES, chunk, strict=True)}
+        return out
+
+    async def history(self, key: str, start: int, limit: int) -> tuple[list[Doc], int]:
+        """Entries [start, start+limit) of a history list, and its total length."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.history(key), start, start + limit - 1)
+        pipe.llen(self.keys.history(key))
+        raws, total = await pipe.execute()
+        return [json.loads(r) for r in raws], int(total)
+
+    async def checkpoint(self) -> int:
+        return await read_checkpoint(self.redis, self.keys)

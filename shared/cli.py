@@ -1,0 +1,345 @@
+"""flotilla: apply and delete ClusterSets, read clustersets and clusters, watch READY clusters, run the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from shared.client import (
+    DEFAULT_APPLY_TIMEOUT_S,
+    DEFAULT_DELETE_TIMEOUT_S,
+    FlotillaClient,
+    FlotillaError,
+    FlotillaUnavailable,
+    api_url_from_settings,
+    load_clustersets,
+)
+from shared.config import get_settings
+from shared.events import Envelope
+from shared.events.models import CLUSTER_STATES, ClusterReady
+
+T = TypeVar("T")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+get_app = typer.Typer(no_args_is_help=True, help="Read clustersets and clusters from the status API.")
+app.add_typer(get_app, name="get")
+
+out = Console()
+err = Console(stderr=True)
+
+# Tests replace this to run the commands against a stub; everything else uses the real client.
+make_client: Callable[[str, str], FlotillaClient] = FlotillaClient
+
+CLOUDS = ("aws", "azure", "gcp")
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    nats_url: str
+    api_url: str
+
+
+def _endpoints(ctx: typer.Context) -> Endpoints:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Endpoints)
+    return obj
+
+
+def _run(coro_fn: Callable[[FlotillaClient], Awaitable[T]], ends: Endpoints) -> T:
+    """Run one command's coroutine with a client; user-facing errors become one red line and exit 1."""
+
+    async def go() -> T:
+        client = make_client(ends.nats_url, ends.api_url)
+        try:
+            return await coro_fn(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    except FlotillaError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    nats_url: str | None = typer.Option(None, "--nats-url", help="NATS server (default: FLOTILLA_NATS_URL)"),
+    api_url: str | None = typer.Option(
+        None, "--api-url", help="status API (default: FLOTILLA_API_URL or http://FLOTILLA_API_HOST:FLOTILLA_API_PORT)"
+    ),
+) -> None:
+    settings = get_settings()
+    ctx.obj = Endpoints(nats_url=nats_url or settings.nats_url, api_url=(api_url or api_url_from_settings(settings)))
+
+
+# ----------------------------------------------------------------------------- apply / delete
+@app.command()
+def apply(
+    ctx: typer.Context,
+    files: list[Path] = typer.Option(
+        ..., "-f", "--filename", help="ClusterSet YAML file or directory; repeatable; - for stdin"
+    ),
+    wait: float = typer.Option(
+        DEFAULT_APPLY_TIMEOUT_S, "--wait", min=0.1, help="seconds to wait for the planner's answer"
+    ),
+) -> None:
+    """Apply ClusterSets: publish each and wait until the planner accepts or rejects it."""
+    try:
+        loaded = load_clustersets(files)
+    except FlotillaError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    for source, why in loaded.skipped:
+        err.print(f"[dim]skipped {escape(source)}: {escape(why)}[/]")
+    if not loaded.documents:
+        err.print("[red]error:[/] no ClusterSet documents to apply")
+        raise typer.Exit(2)
+
+    async def go(client: FlotillaClient) -> bool:
+        ok = True
+        for doc in loaded.documents:
+            label = f"clusterset/{doc.name or '(unnamed)'}"
+            try:
+                result = await client.apply(doc.document, wait_s=wait)
+            except FlotillaUnavailable:
+                raise  # nothing else will work either
+            except FlotillaError as exc:
+                err.print(f"[red]{escape(label)}: {escape(str(exc))}[/]")
+                ok = False
+                continue
+            if result.accepted:
+                out.print(f"{escape(label)} accepted (generation {result.generation}"
+                          + (f", config {result.config_hash})" if result.config_hash else ")"))  # fmt: skip
+            else:
+                ok = False
+                err.print(f"[red]{escape(label)} rejected[/] ({escape(doc.source)}):")
+                for e in result.errors:
+                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+        return ok
+
+    if not _run(go, _endpoints(ctx)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    names: list[str] = typer.Argument(..., help="ClusterSet name(s)"),
+    wait: float = typer.Option(DEFAULT_DELETE_TIMEOUT_S, "--wait", min=0.1, help="seconds to wait for the answer"),
+) -> None:
+    """Delete ClusterSets: their clusters are drained and retired."""
+
+    async def go(client: FlotillaClient) -> bool:
+        ok = True
+        for name in names:
+            result = await client.delete(name, wait_s=wait)
+            if result.retired:
+                out.print(f"clusterset/{escape(name)} deleted ({len(result.clusters)} cluster(s) retiring)")
+            elif result.timed_out:
+                ok = False
+                err.print(f"[yellow]clusterset/{escape(name)}: no answer within {wait:g}s; is it an applied "
+                          "ClusterSet? (flotilla get clustersets)[/]")  # fmt: skip
+            else:
+                ok = False
+                err.print(f"[red]clusterset/{escape(name)}: delete refused[/]")
+                for e in result.errors:
+                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+        return ok
+
+    if not _run(go, _endpoints(ctx)):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- get
+def _state(value: str | None) -> str | None:
+    if value is None:
+        return None
+    upper = value.upper()
+    if upper not in CLUSTER_STATES:
+        raise typer.BadParameter(f"{value!r} is not a cluster state ({', '.join(CLUSTER_STATES)})")
+    return upper
+
+
+def _cloud(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.lower() not in CLOUDS:
+        raise typer.BadParameter(f"{value!r} is not a cloud ({', '.join(CLOUDS)})")
+    return value.lower()
+
+
+def _print_json(data: Any) -> None:
+    # Plain stdout, no rich highlighting or wrapping: this output is for machines.
+    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _loc(item: dict[str, Any]) -> dict[str, Any]:
+    loc = item.get("location")
+    return loc if isinstance(loc, dict) else {}
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    rank = {s: i for i, s in enumerate(CLUSTER_STATES)}
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=lambda kv: rank.get(kv[0], 99)) if v)
+
+
+def clustersets_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "ENV", "CLOUD", "REGION", "TYPE", "GEN", "READY", "STATES"):
+        table.add_column(col, no_wrap=col != "STATES")
+    for item in items:
+        loc, status, spec = _loc(item), item.get("status") or {}, item.get("spec") or {}
+        # The projector keeps count beside the cluster spec; desiredClusters is 0 once the set is deleted.
+        candidates = (status.get("desiredClusters"), item.get("count"), spec.get("count"))
+        count = next((v for v in candidates if v is not None), "?")
+        notes = [n for n, on in (("deleted", item.get("deleted")), ("rejected", item.get("accepted") is False)) if on]
+        gen = item.get("generation")
+        table.add_row(
+            str(item.get("name", "")), str(loc.get("env", "")), str(loc.get("cloud", "")), str(loc.get("region", "")),
+            str(item.get("clusterType") or ""), "" if gen is None else str(gen),
+            f"{status.get('readyClusters', 0)}/{count}", " ".join([_counts_text(status.get("counts") or {}), *notes]),
+        )  # fmt: skip
+    return table
+
+
+def clusters_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "CLUSTERSET", "ENV", "CLOUD", "REGION", "TYPE", "STATE", "CONFIG", "ENDPOINT"):
+        table.add_column(col, no_wrap=True, overflow="fold")
+    for item in items:
+        loc, state = _loc(item), str(item.get("state", ""))
+        style = "green" if state == "READY" else "red" if state == "FAILED" else None
+        table.add_row(
+            str(item.get("id", "")), str(item.get("clusterset", "")), str(loc.get("env", "")),
+            str(loc.get("cloud", "")), str(loc.get("region", "")), str(item.get("clusterType", "")),
+            f"[{style}]{state}[/]" if style else state,
+            str(item.get("configHash") or "") + (" (outdated)" if item.get("outdated") else ""),
+            str(item.get("endpoint") or ""),
+        )  # fmt: skip
+    return table
+
+
+@get_app.command("clustersets")
+def get_clustersets(
+    ctx: typer.Context,
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """List ClusterSets with their READY counts."""
+    items = _run(lambda c: c.clustersets(), _endpoints(ctx))
+    if output is Output.json:
+        _print_json(items)
+    elif not items:
+        err.print("no clustersets")
+    else:
+        out.print(clustersets_table(items))
+
+
+@get_app.command("clusters")
+def get_clusters(
+    ctx: typer.Context,
+    clusterset: str | None = typer.Option(None, "--clusterset", help="only this ClusterSet"),
+    state: str | None = typer.Option(None, "--state", callback=_state, help="REQUESTED, READY, FAILED, ..."),
+    env: str | None = typer.Option(None, "--env"),
+    cloud: str | None = typer.Option(None, "--cloud", callback=_cloud, help="aws, azure or gcp"),
+    region: str | None = typer.Option(None, "--region"),
+    cluster_type: str | None = typer.Option(None, "--type", help="clusterType, e.g. ModelServing"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """List clusters (all pages), filtered."""
+    filters = dict(clusterset=clusterset, state=state, env=env, cloud=cloud, region=region, cluster_type=cluster_type)
+    items = _run(lambda c: c.clusters(limit=limit, **filters), _endpoints(ctx))
+    if output is Output.json:
+        _print_json(items)
+    elif not items:
+        err.print("no clusters match")
+    else:
+        out.print(clusters_table(items))
+
+
+# ----------------------------------------------------------------------------- watch
+@app.command()
+def watch(
+    ctx: typer.Context,
+    cloud: str | None = typer.Option(None, "--cloud", callback=_cloud),
+    region: str | None = typer.Option(None, "--region"),
+    cluster_type: str | None = typer.Option(None, "--type", help="clusterType"),
+    since_start: bool = typer.Option(False, "--since-start", help="replay from the first ClusterReady"),
+    count: int | None = typer.Option(None, "--count", min=1, help="exit after this many events"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """Stream clusters as they become READY (Ctrl-C to stop)."""
+
+    def show(env: Envelope, ready: ClusterReady) -> None:
+        if output is Output.json:
+            typer.echo(json.dumps({"time": env.time.isoformat(), "id": env.id, **ready.model_dump(mode="json")}))
+            return
+        loc = ready.location
+        out.print(
+            f"{env.time:%Y-%m-%dT%H:%M:%S}Z [green]READY[/] {escape(ready.cluster_id)} {escape(ready.clusterset)} "
+            f"{loc.env}/{loc.cloud}/{loc.region} {escape(ready.cluster_type)} {escape(ready.endpoint)}",
+            soft_wrap=True,
+        )
+
+    async def go(client: FlotillaClient) -> None:
+        seen = 0
+        events = client.watch_ready_events(cloud, region, cluster_type, since_start)
+        async with contextlib.aclosing(events):  # unsubscribe before the client closes its connection
+            async for env, ready in events:
+                show(env, ready)
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+
+    try:
+        _run(go, _endpoints(ctx))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+# ----------------------------------------------------------------------------- up
+@app.command()
+def up(
+    once: bool = typer.Option(False, "--once", help="exit 0 once everything is READY (last line: READY n/n)"),
+    examples: Path | None = typer.Option(
+        None, "--examples", help="ClusterSet files to apply (default: ../shared/examples)"
+    ),
+    api_port: int | None = typer.Option(None, "--api-port", min=1, max=65535, help="status API port"),
+    timeout: float = typer.Option(300.0, "--timeout", min=1, help="with --once: fail if not READY by then (s)"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="resume the previous run's state in .run/"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="state and logs (default: .run/ in the repo)"),
+) -> None:  # fmt: skip
+    """Run everything locally: NATS, Redis, the six services; apply the examples; show progress."""
+    from shared.stack import StackOptions, run  # the stack imports a lot; keep `flotilla get` fast
+
+    if examples is not None and not examples.exists():
+        raise typer.BadParameter(f"{examples} does not exist", param_hint="--examples")
+    code = run(StackOptions(once=once, examples=examples, api_port=api_port, timeout_s=timeout,
+                            keep_state=keep_state, run_dir=run_dir), out=out, err=err)  # fmt: skip
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

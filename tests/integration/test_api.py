@@ -1,0 +1,284 @@
+"""The status API over real Redis (views projected from a real NATS stream): reads, filters, pages, 404s, 422s."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from services.status_projector import core
+from services.status_projector import testing as T
+from services.status_projector.api import create_app
+from services.status_projector.projector import Projector
+from services.status_projector.store import Loaded, ViewKeys, encode_cursor, stage_batch
+from shared.bus import Bus
+from shared.config import Settings
+from shared.events import Envelope
+from tests.conftest import example_documents
+
+DOCS = example_documents()
+CS = T.parse(DOCS["modelserving-prod-aws-us-east-1"])
+AZ = T.parse(DOCS["dataeng-staging-azure-westeurope"])
+MS, DE = CS.metadata.name, AZ.metadata.name
+
+
+def history() -> list[Envelope]:
+    return [*T.fleet_history(CS, ["ms-1", "ms-2", "ms-3"], retired=["ms-3"]), *T.fleet_history(AZ, ["de-1"])]
+
+
+@pytest.fixture
+async def projector(bus: Bus, redis: Redis, settings: Settings) -> AsyncIterator[Projector]:
+    p = Projector(bus, redis, settings.redis_prefix, idle_check_s=0.3, heartbeat_s=0.5)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture
+async def client(bus: Bus, redis: Redis, settings: Settings, projector: Projector) -> AsyncIterator[httpx.AsyncClient]:
+    events = history()
+    for env in events:
+        await bus.publish(env)
+    await projector.wait_for(len(events), 20)
+    app = create_app(settings, redis=redis, bus=bus, projector=projector)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+        yield c
+
+
+async def get(client: httpx.AsyncClient, url: str, status: int = 200, **params: Any) -> Any:
+    r = await client.get(url, params=params)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    return r.json()
+
+
+# ---------------------------------------------------------------- cluster sets
+async def test_clustersets(client: httpx.AsyncClient) -> None:
+    page = await get(client, "/v1/clustersets")
+    assert [s["name"] for s in page["items"]] == sorted([MS, DE]) and page["next"] is None
+    ms = next(s for s in page["items"] if s["name"] == MS)
+    assert ms["status"]["counts"]["READY"] == 2 and ms["status"]["counts"]["DELETED"] == 1
+    assert ms["status"]["readyClusters"] == 2 and "clusters" not in ms["status"]
+
+    one = await get(client, f"/v1/clustersets/{MS}")
+    assert one["accepted"] and one["generation"] == 1 and one["count"] == 5 and one["clusterType"] == "ModelServing"
+    assert one["status"]["observedGeneration"] == 1 and one["status"]["readyClusters"] == 2
+    assert [c["name"] for c in one["status"]["clusters"]] == ["ms-1", "ms-2"]
+    member = one["status"]["clusters"][0]
+    assert member["kind"] == "Cluster" and member["status"]["state"] == "READY"
+    assert member["status"]["endpoint"] == "https://ms-1.example.aws.test"
+    assert member["status"]["network"]["vpcId"] == "net-ms-1" and member["spec"]["configHash"] == one["configHash"]
+
+    summary = await get(client, f"/v1/clustersets/{MS}", includeClusters="false")
+    assert "clusters" not in summary["status"] and summary["status"]["counts"] == one["status"]["counts"]
+
+    events = await get(client, f"/v1/clustersets/{MS}/events")
+    assert [e["type"] for e in events["items"]] == ["ClusterSetAccepted"] and events["total"] == 1
+
+    first = await get(client, "/v1/clustersets", limit=1)
+    second = await get(client, "/v1/clustersets", limit=1, cursor=first["next"])
+    assert [s["name"] for s in first["items"] + second["items"]] == sorted([MS, DE]) and second["next"] is None
+
+
+# ---------------------------------------------------------------- clusters
+async def test_cluster_filters(client: httpx.AsyncClient) -> None:
+    ids = lambda page: [c["id"] for c in page["items"]]  # noqa: E731
+    assert ids(await get(client, "/v1/clusters")) == ["de-1", "ms-1", "ms-2", "ms-3"]
+    assert ids(await get(client, "/v1/clusters", state="READY")) == ["de-1", "ms-1", "ms-2"]
+    assert ids(await get(client, "/v1/clusters", state="DELETED")) == ["ms-3"]
+    assert ids(await get(client, "/v1/clusters", cloud="azure")) == ["de-1"]
+    assert ids(await get(client, "/v1/clusters", cloud="gcp")) == []
+    assert ids(await get(client, "/v1/clusters", clusterset=MS, state="READY")) == ["ms-1", "ms-2"]
+    assert ids(await get(client, "/v1/clusters", env="prod", region="us-east-1")) == ["ms-1", "ms-2", "ms-3"]
+    assert ids(await get(client, "/v1/clusters", clusterType=AZ.metadata.cluster_type)) == ["de-1"]
+    assert ids(await get(client, "/v1/clusters", clusterset="no-such-set")) == []
+
+
+async def test_cluster_pagination(client: httpx.AsyncClient) -> None:
+    seen, token, pages = [], None, 0
+    while True:
+        page = await get(client, "/v1/clusters", limit=3, **({"continue": token} if token else {}))
+        seen += [c["id"] for c in page["items"]]
+        pages += 1
+        token = page["next"]
+        if token is None:
+            break
+    assert seen == ["de-1", "ms-1", "ms-2", "ms-3"] and pages == 2
+    page = await get(client, "/v1/clusters", limit=1, cursor=encode_cursor("c", "ms-1"))
+    assert [c["id"] for c in page["items"]] == ["ms-2"]
+    page = await get(client, "/v1/clusters", limit=2, cursor="")  # an empty token is the first page
+    assert [c["id"] for c in page["items"]] == ["de-1", "ms-1"]
+
+
+async def test_the_python_client_reads_the_api(client: httpx.AsyncClient, settings: Settings) -> None:
+    """shared.client.FlotillaClient is what users and the CLI call: it must understand these pages."""
+    from shared.client import FlotillaClient
+
+    api = FlotillaClient(settings.nats_url, "http://api", page_size=2)
+    await api._http.aclose()
+    api._http = client  # route its requests into the ASGI app
+    assert [c["id"] for c in await api.clusters(state="READY")] == ["de-1", "ms-1", "ms-2"]
+    assert [s["name"] for s in await api.clustersets()] == sorted([MS, DE])
+    assert (await api.cluster("ms-1"))["state"] == "READY" and await api.cluster("nope") is None
+
+
+async def test_one_cluster_and_its_history(client: httpx.AsyncClient) -> None:
+    c = await get(client, "/v1/clusters/ms-1")
+    assert c["state"] == "READY" and c["outdated"] is False and c["clusterset"] == MS
+    assert c["location"] == {"env": "prod", "cloud": "aws", "region": "us-east-1"}
+    assert set(c["resources"]) == {"network", "cluster", "node_pools", "iam", "log_stream"}
+    assert c["createdAt"] == "2026-11-21T10:00:01Z" and c["failure"] is None
+
+    events = await get(client, "/v1/clusters/ms-1/events")
+    assert events["total"] == c["eventCount"] == len(events["items"])
+    assert events["items"][0]["type"] == "ClusterRequested" and events["items"][-1]["type"] == "ClusterReady"
+    assert [e["seq"] for e in events["items"]] == sorted(e["seq"] for e in events["items"])
+
+    got, token = [], None
+    while True:
+        page = await get(client, "/v1/clusters/ms-1/events", limit=4, **({"cursor": token} if token else {}))
+        got += page["items"]
+        token = page["next"]
+        if not token:
+            break
+    assert got == events["items"]
+
+
+async def test_discovery_lists_ready_clusters_with_endpoints(client: httpx.AsyncClient) -> None:
+    page = await get(client, "/v1/discovery")
+    assert [c["id"] for c in page["items"]] == ["de-1", "ms-1", "ms-2"]
+    entry = page["items"][1]
+    assert entry["endpoint"] == "https://ms-1.example.aws.test" and entry["configHash"]
+    assert entry["location"]["cloud"] == "aws" and entry["clusterType"] == "ModelServing"
+    assert "credentialRef" not in entry
+    assert [c["id"] for c in (await get(client, "/v1/discovery", cloud="aws", region="us-east-1"))["items"]] == [
+        "ms-1", "ms-2"]  # fmt: skip
+    assert (await get(client, "/v1/discovery", env="staging", cloud="aws"))["items"] == []
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("url", "params", "param"),
+    [
+        ("/v1/clusters", {"state": "RUNNING"}, "state"),
+        ("/v1/clusters", {"state": "ready"}, "state"),
+        ("/v1/clusters", {"cloud": "mars"}, "cloud"),
+        ("/v1/clusters", {"limit": "0"}, "limit"),
+        ("/v1/clusters", {"limit": "1001"}, "limit"),
+        ("/v1/clusters", {"limit": "many"}, "limit"),
+        ("/v1/clusters", {"cursor": "%%%not-a-token"}, "cursor"),
+        ("/v1/clusters", {"cursor": encode_cursor("e", 3)}, "cursor"),
+        ("/v1/clusters", {"cursor": encode_cursor("c", "a"), "continue": encode_cursor("c", "b")}, "continue"),
+        ("/v1/clusters", {"env": "Prod!"}, "env"),
+        ("/v1/clusters", {"clusterset": "Bad_Name"}, "clusterset"),
+        ("/v1/clusters", {"cluster_set": "x"}, "cluster_set"),
+        ("/v1/discovery", {"cloud": "oracle"}, "cloud"),
+        ("/v1/discovery", {"state": "READY"}, "state"),
+        ("/v1/discovery", {"limit": "10001"}, "limit"),
+        ("/v1/clustersets", {"cursor": "bm9wZQ"}, "cursor"),
+        ("/v1/clusters/ms-1/events", {"cursor": encode_cursor("e", "x")}, "cursor"),
+        ("/v1/clusters/ms-1/events", {"limit": "-1"}, "limit"),
+    ],
+)
+async def test_bad_query_parameters_are_422_with_a_message(
+    client: httpx.AsyncClient, url: str, params: dict[str, str], param: str
+) -> None:
+    body = await get(client, url, 422, **params)
+    assert body["error"] == "invalid request"
+    assert body["message"].startswith(f"{param}: ") or f"; {param}: " in body["message"], body["message"]
+    assert any(d["loc"][-1] == param for d in body["detail"])
+
+
+@pytest.mark.parametrize(
+    ("url", "what"),
+    [
+        ("/v1/clusters/nope", "cluster 'nope'"),
+        ("/v1/clusters/nope/events", "cluster 'nope'"),
+        ("/v1/clustersets/nope", "clusterset 'nope'"),
+        ("/v1/clustersets/nope/events", "clusterset 'nope'"),
+    ],
+)
+async def test_unknown_ids_are_404_with_a_message(client: httpx.AsyncClient, url: str, what: str) -> None:
+    body = await get(client, url, 404)
+    assert body == {"error": "not found", "message": f"{what} not found", "detail": None}
+
+
+# ---------------------------------------------------------------- health, OpenAPI
+async def test_health_readiness_and_openapi(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, bus: Bus, projector: Projector
+) -> None:
+    assert await get(client, "/healthz") == {"status": "ok"}
+    ready = await get(client, "/readyz")
+    n = len(history())
+    assert ready["ready"] and ready["redis"] and ready["nats"]
+    assert ready["projector"] | {"lastError": None} == {"running": True, "subscribed": True, "namespace": "live",
+                                                        "checkpoint": n, "streamLastSeq": n, "lag": 0,
+                                                        "lastError": None}  # fmt: skip
+    spec = await get(client, "/openapi.json")
+    assert {"/v1/clustersets", "/v1/clustersets/{name}", "/v1/clusters", "/v1/clusters/{cluster_id}",
+            "/v1/clusters/{cluster_id}/events", "/v1/discovery", "/healthz", "/readyz"} <= set(spec["paths"])
+    params = {p["name"] for p in spec["paths"]["/v1/clusters"]["get"]["parameters"]}
+    assert {"clusterset", "state", "env", "cloud", "region", "clusterType", "limit", "cursor", "continue"} <= params
+    assert "Cluster" in spec["components"]["schemas"] and "Member" in spec["components"]["schemas"]
+
+    await projector.stop()
+    app = create_app(settings, redis=redis, bus=bus, projector=projector)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c2:
+        r = await c2.get("/readyz")
+        assert r.status_code == 503 and r.json()["projector"]["running"] is False
+
+
+# ---------------------------------------------------------------- scale
+async def test_ten_thousand_clusters_filter_and_page_fast(redis: Redis, settings: Settings) -> None:
+    """Seeds 10,000 cluster documents through the same staging code the projector uses, then queries."""
+    views = core.Views()
+    for seq, env in enumerate(T.fleet_history(CS, ["tmpl"]), 1):
+        core.apply(views, seq, env)
+    template = views.clusters.pop("tmpl")
+    clouds = [("aws", "us-east-1"), ("azure", "westeurope"), ("gcp", "europe-west4")]
+    states = ["READY"] * 7 + ["PROVISIONING", "FAILED", "DELETED"]
+    for i in range(10_000):
+        doc = copy.deepcopy(template)
+        cloud, region = clouds[i % 3]
+        doc.update(id=f"c-{i:05d}", name=f"c-{i:05d}", state=states[i % 10], clusterset=f"set-{i % 50:02d}",
+                   location={"env": "prod" if i % 2 else "dev", "cloud": cloud, "region": region})  # fmt: skip
+        views.clusters[doc["id"]] = doc
+    keys = ViewKeys(settings.redis_prefix, "live")
+    pipe = redis.pipeline(transaction=False)
+    stage_batch(pipe, keys, Loaded(), core.Views(clusters=views.clusters), (), 1)
+    await pipe.execute()
+
+    app = create_app(settings, redis=redis)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+        started = time.perf_counter()
+        page = await get(client, "/v1/clusters", limit=1000, state="READY", cloud="aws", env="prod")
+        filtered = time.perf_counter() - started
+        expected = sorted(f"c-{i:05d}" for i in range(10_000)
+                          if i % 3 == 0 and i % 2 == 1 and states[i % 10] == "READY")  # fmt: skip
+        assert [c["id"] for c in page["items"]] == expected[:1000]
+        assert (page["next"] is not None) == (len(expected) > 1000)
+
+        started = time.perf_counter()
+        total, token = 0, None
+        while True:
+            page = await get(client, "/v1/clusters", limit=1000, **({"cursor": token} if token else {}))
+            total += len(page["items"])
+            token = page["next"]
+            if not token:
+                break
+        full_scan = time.perf_counter() - started
+        assert total == 10_000
+
+        started = time.perf_counter()
+        found = await get(client, "/v1/discovery", limit=10_000)
+        discovery = time.perf_counter() - started
+        assert len(found["items"]) == 7_000
+    # Generous bounds for a loaded 2-core CI box; typical is a few tens of milliseconds per page.
+    assert filtered < 1.0, filtered
+    assert full_scan < 5.0, full_scan
+    assert discovery < 5.0, discovery
