@@ -32,7 +32,7 @@ def accepted(cs: ClusterSet, *, generation: int = 1, time: datetime = T0, event_
     payload = m.ClusterSetAccepted(
         location=cs.metadata.location, clusterset=cs.metadata.name, generation=generation,
         cluster_type=cs.metadata.cluster_type, count=cs.spec.count, config_hash=spec.config_hash(), spec=spec,
-        update_strategy=cs.spec.update_strategy,
+        update_strategy=cs.spec.update_strategy, document_hash=f"doc-{generation}",
     )  # fmt: skip
     return new_event(payload, source="planner", time=time,
                      event_id=event_id or f"accepted-{cs.metadata.name}-{generation}")  # fmt: skip
@@ -52,7 +52,7 @@ def provision(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime)
     clock = iter(_clock(start))
     out: list[Envelope] = []
     requested = new_event(
-        m.ClusterRequested(**common, cluster_type=cs.metadata.cluster_type, generation=1,
+        m.ClusterRequested(**common, serial=0, cluster_type=cs.metadata.cluster_type, generation=1,
                            config_hash=spec.config_hash(), spec=spec),
         source="planner", cause=cause, discriminator=cluster_id, time=next(clock),
     )  # fmt: skip

@@ -76,6 +76,7 @@ class FakePlanner:
                     location=model.metadata.location, clusterset=model.metadata.name, generation=generation,
                     cluster_type=model.metadata.cluster_type, count=model.spec.count, config_hash=config_hash,
                     spec=model.spec.cluster_spec(), update_strategy=model.spec.update_strategy,
+                    document_hash=config_hash,
                 )  # fmt: skip
                 self.known[model.metadata.name] = answer
         else:

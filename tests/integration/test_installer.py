@@ -76,7 +76,7 @@ def cluster(name: str, suffix: str = "0001") -> Cluster:
     spec = clusterset.spec.cluster_spec()
     cid = f"{name}-{suffix}"
     common: dict[str, Any] = dict(location=clusterset.metadata.location, cluster_id=cid, clusterset=name)
-    requested = ClusterRequested(**common, cluster_type=clusterset.metadata.cluster_type, generation=1,
+    requested = ClusterRequested(**common, serial=0, cluster_type=clusterset.metadata.cluster_type, generation=1,
                                  config_hash=spec.config_hash(), spec=spec)  # fmt: skip
     provisioned = ClusterProvisioned(**common, endpoint=f"https://{cid}.sim.example", ca_fingerprint="sha256:00",
                                      network=NetworkInfo(network_id="net-1", subnet_ids=["subnet-1"]),

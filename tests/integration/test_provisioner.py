@@ -51,7 +51,7 @@ def request(name: str, suffix: str = "0001") -> Envelope:
     spec = clusterset.spec.cluster_spec()
     payload = ClusterRequested(
         cluster_id=f"{name}-{suffix}", clusterset=name, location=clusterset.metadata.location,
-        cluster_type=clusterset.metadata.cluster_type, generation=1, config_hash=spec.config_hash(), spec=spec,
+        cluster_type=clusterset.metadata.cluster_type, generation=1, config_hash=spec.config_hash(), spec=spec, serial=0,
     )  # fmt: skip
     return new_event(payload, source="planner")
 

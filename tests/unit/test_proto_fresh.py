@@ -83,6 +83,7 @@ def _sample_events() -> list[Envelope]:
     accepted = ClusterSetAccepted(
         location=loc, clusterset=model.metadata.name, generation=1, cluster_type=model.metadata.cluster_type,
         count=model.spec.count, config_hash=spec.config_hash(), spec=spec, update_strategy=model.spec.update_strategy,
+        document_hash="0" * 16,
     )  # fmt: skip
     ready = ClusterReady(
         location=loc, cluster_id="modelserving-prod-aws-us-east-1-7f3a", clusterset=model.metadata.name,

@@ -55,7 +55,7 @@ def requested(name: str = PLAIN, cluster_id: str | None = None) -> ClusterReques
     spec = clusterset.spec.cluster_spec()
     return ClusterRequested(
         cluster_id=cluster_id or f"{name}-0001", clusterset=name, location=clusterset.metadata.location,
-        cluster_type=clusterset.metadata.cluster_type, generation=1, config_hash=spec.config_hash(), spec=spec,
+        cluster_type=clusterset.metadata.cluster_type, generation=1, config_hash=spec.config_hash(), spec=spec, serial=0,
     )  # fmt: skip
 
 
