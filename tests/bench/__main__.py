@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,12 @@ from nats.js import api as jsapi
 from shared.events import subjects
 from tests.conftest import example_documents
 from tests.e2e.fleet import Fleet
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (where the pipeline's time goes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -96,7 +103,10 @@ async def main(clusters: int) -> None:
         wall = await pipeline(fleet, clusters)
         events, stream_bytes = await fleet_stats(fleet)
         rss = {name: rss_mib(proc.pid) for (name, _), proc in fleet.procs.items()}
-        assert fleet.nats
+        cpu = {name: cpu_s(proc.pid) for (name, _), proc in fleet.procs.items()}
+        assert fleet.nats and fleet.redis and fleet.nats.proc and fleet.redis.proc
+        cpu["nats-server"] = cpu_s(fleet.nats.proc.pid)
+        cpu["redis-server"] = cpu_s(fleet.redis.proc.pid)
         publish_s, consume_s = await floor(fleet.settings.nats_url, events, max(1, stream_bytes // max(events, 1)))
     finally:
         fleet.stop()
@@ -110,6 +120,7 @@ async def main(clusters: int) -> None:
     print(f"floor_fetch_ack_s={consume_s:.2f} ({events / consume_s:.0f} msg/s)")
     print(f"floor_s={floor_s:.2f}")
     print("service_rss_mib=" + json.dumps({k: round(v, 1) for k, v in rss.items()}))
+    print("cpu_s=" + json.dumps({k: round(v, 1) for k, v in cpu.items()}))
     print(f"pipeline_vs_floor={wall / floor_s:.1f}")
 
 

@@ -40,7 +40,8 @@ def cluster_events(name: str, spec: ClusterSpec | None = None, generation: int =
     spec = spec or clusterset.spec.cluster_spec()
     cid = cluster_id or f"{name}-0001"
     common: dict[str, Any] = dict(location=clusterset.metadata.location, cluster_id=cid, clusterset=name)
-    requested = ClusterRequested(**common, serial=0, cluster_type=clusterset.metadata.cluster_type, generation=generation,
+    requested = ClusterRequested(**common, serial=0, cluster_type=clusterset.metadata.cluster_type,
+                                 generation=generation,
                                  config_hash=spec.config_hash(), spec=spec)  # fmt: skip
     provisioned = ClusterProvisioned(**common, endpoint=f"https://{cid}.example", ca_fingerprint="ab:cd",
                                      network=NetworkInfo(network_id="net-1", subnet_ids=["s-1"]),

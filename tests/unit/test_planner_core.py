@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from services.planner.core import PlannerState, cluster_id_for, evolve, handle, retirement_order
 from shared.events import (
-    ClusterDeprovisioned, ClusterProvisioningFailed, ClusterReady, ClusterSetApplied, ClusterSetDeleted, Envelope,
+    ClusterDeprovisioned,
+    ClusterProvisioningFailed,
+    ClusterReady,
+    ClusterSetApplied,
+    ClusterSetDeleted,
+    Envelope,
     new_event,
 )  # fmt: skip
 from tests.conftest import example_documents
