@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,13 @@ class Settings(BaseSettings):
     sim_failure_rate: float = Field(default=0.0, ge=0, le=1)
     sim_install_latency_s: float = Field(default=0.1, ge=0)
     sim_seed: int | None = None
+
+    # Which driver serves each cloud ("sim" until the real drivers land; one deployment may mix them).
+    cloud_drivers: dict[Literal["aws", "azure", "gcp"], Literal["sim"]] = Field(
+        default={"aws": "sim", "azure": "sim", "gcp": "sim"}
+    )
+    k8s_target: Literal["sim"] = "sim"
+    install_health_timeout_s: float = Field(default=300.0, gt=0)
 
     otel_console: bool = False
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")

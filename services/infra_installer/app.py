@@ -13,7 +13,7 @@ the last attempt `on_exhausted` records `ClusterInfraFailed(retryable=True)`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -22,6 +22,7 @@ from services.infra_installer.core import EmitReady, Fail, Install, InstallerSta
 from services.infra_installer.targets.base import ClusterRef, KubernetesTarget
 from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import Outcome, Subscription
+from shared.config import Settings
 from shared.events import Envelope, decode_payload, new_event, subjects
 from shared.events.models import (
     ClusterProvisioned,
@@ -40,7 +41,7 @@ CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, Infra
                                      ClusterRetirementRequested)  # fmt: skip
 # How long one service may take to become healthy before the attempt fails (and is retried).
 # Must stay well below Settings.handler_timeout_s, which bounds the whole handler.
-DEFAULT_HEALTH_TIMEOUT_S = 300.0
+DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].default
 
 
 def cluster_ref(state: InstallerState) -> ClusterRef:
@@ -106,13 +107,21 @@ def filter_subjects() -> list[str]:
     return [subjects.fleet_filter(cls.type_name()) for cls in CONSUMED]
 
 
+TARGETS: dict[str, Callable[[ServiceContext], KubernetesTarget]] = {
+    # The `kubernetes`-client adapter registers here next.
+    "sim": lambda ctx: SimKubernetesTarget(ctx.redis, ctx.settings),
+}
+
+
 def build_subscriptions(
     ctx: ServiceContext,
     target: KubernetesTarget | None = None,
-    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
+    health_timeout_s: float | None = None,
 ) -> Sequence[Subscription[InstallerState]]:
-    # Only the sim target exists so far; the `kubernetes`-client adapter plugs in here.
-    installer = Installer(target or SimKubernetesTarget(ctx.redis, ctx.settings), health_timeout_s)
+    installer = Installer(
+        target or TARGETS[ctx.settings.k8s_target](ctx),
+        health_timeout_s if health_timeout_s is not None else ctx.settings.install_health_timeout_s,
+    )
     return [
         Subscription(
             durable=DURABLE,

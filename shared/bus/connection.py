@@ -73,15 +73,7 @@ class Bus:
         headers = {MSG_ID: envelope.id, "Flotilla-Type": envelope.type, **(extra_headers or {})}
         inject_trace_headers(headers)
         subject, stream = subject_of(envelope), stream_of(envelope)
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(_TRANSIENT),
-            wait=wait_exponential_jitter(initial=0.1, max=3),
-            stop=stop_after_delay(60),
-            reraise=True,
-        ):
-            with attempt:
-                ack = await self.js.publish(subject, envelope.to_bytes(), stream=stream, headers=headers,
-                                            timeout=5)  # fmt: skip
+        ack = await self.publish_raw(subject, envelope.to_bytes(), headers, stream)
         if ack.stream != stream:
             raise PublishError(f"{subject} landed in {ack.stream}, expected {stream}")
         return not ack.duplicate
@@ -91,7 +83,8 @@ class Bus:
         for env in envelopes:
             await self.publish(env)
 
-    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str], stream: str) -> None:
+    async def publish_raw(self, subject: str, payload: bytes, headers: dict[str, str], stream: str) -> jsapi.PubAck:
+        """Publish to a stream, retrying what a NATS restart or leader election causes; the PubAck is checked."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(_TRANSIENT),
             wait=wait_exponential_jitter(initial=0.1, max=3),
@@ -99,7 +92,8 @@ class Bus:
             reraise=True,
         ):
             with attempt:
-                await self.js.publish(subject, payload, stream=stream, headers=headers, timeout=5)
+                return await self.js.publish(subject, payload, stream=stream, headers=headers, timeout=5)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def close(self) -> None:
         if not self.nc.is_closed:

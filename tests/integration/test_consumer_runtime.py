@@ -242,3 +242,28 @@ async def test_stop_naks_inflight_work_for_another_replica(bus, redis):
     await wait_until(lambda: fast.processed == 1)
     assert (await load(bus, redis, "g")).seen == [env.id]
     await fast.stop()
+
+
+async def test_trace_context_flows_from_the_cause_to_the_events_it_produced(bus, redis):
+    """One trace follows a chain of events across services: traceparent travels in NATS headers."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+
+    class Emitting(Recorder):
+        async def handle(self, env: Envelope, state: Tally | None) -> Outcome[Tally]:
+            out = await super().handle(env, state)
+            follow = new_event(ClusterSetApplied(document={"metadata": {"name": "y"}}), source="t", cause=env)
+            return Outcome(state=out.state, events=[follow])
+
+    consumer = make_consumer(bus, redis, Emitting())
+    await consumer.start()
+    with trace.get_tracer("test").start_as_current_span("user applies") as span:
+        await bus.publish(deleted("h"))
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    await wait_until(lambda: consumer.processed == 1)
+    sub = await bus.js.pull_subscribe("clusterset.applied.>", durable="tp", stream=subjects.STREAM_CLUSTERSETS)
+    msg = (await sub.fetch(1, timeout=5))[0]
+    assert msg.headers["traceparent"].split("-")[1] == trace_id
