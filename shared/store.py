@@ -87,6 +87,15 @@ class StateStore:
     async def is_processed(self, event_id: str) -> bool:
         return bool(await self.redis.exists(self._ledger_key(event_id)))
 
+    async def load_unless_processed(self, key: str, model: type[S], event_id: str) -> tuple[bool, S | None, int]:
+        """Ledger check and state read in one round trip (the hot path of every handler)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._ledger_key(event_id))
+            pipe.hmget(self.state_key(key), ["v", "s"])
+            processed, (version, raw) = await pipe.execute()
+        state = model.model_validate_json(raw) if raw is not None else None
+        return bool(processed), state, int(version or 0)
+
     async def outbox(self, event_id: str) -> list[Envelope]:
         raw = await self.redis.get(self._outbox_key(event_id))
         if raw is None:

@@ -10,7 +10,6 @@ from shared.bus import Outcome, Subscription
 from shared.events import (
     ClusterDeprovisioned,
     ClusterInfraFailed,
-    ClusterProvisioned,
     ClusterProvisioningFailed,
     ClusterReady,
     ClusterSetApplied,
@@ -19,7 +18,9 @@ from shared.events import (
 )  # fmt: skip
 from shared.service import ServiceContext, ServiceSpec
 
-FACTS = (ClusterProvisioned, ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned)
+# The facts that change which clusters are safest to retire (and when a member is gone). Kept few:
+# each one loads and stores the whole set's state.
+FACTS = (ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned)
 
 
 def intent_key(env: Envelope) -> str:

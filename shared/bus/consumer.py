@@ -223,21 +223,26 @@ class IdempotentConsumer(Generic[S]):
                 await msg.in_progress()
 
     async def _handle(self, env: Envelope, key: str) -> None:
-        if await self.store.is_processed(env.id):
-            await self._flush_outbox(env.id)
-            return
         for _ in range(20):
-            state, version = await self.store.load(key, self.sub.state_model)
+            processed, state, version = await self.store.load_unless_processed(key, self.sub.state_model, env.id)
+            if processed:  # handled before (maybe by another replica): make sure its events went out
+                await self._flush_outbox(env.id)
+                return
             outcome = await asyncio.wait_for(
                 self.sub.handle(env, state), timeout=self.settings.handler_timeout_s
             )
             result = await self.store.commit(key, version, outcome.state, env.id, outcome.events)
-            if result is not CommitResult.CONFLICT:
-                break
+            if result is CommitResult.COMMITTED:
+                # The events are in hand: publish them without reading the outbox back.
+                if outcome.events:
+                    await self.bus.publish_all(outcome.events)
+                    await self.store.clear_outbox(env.id)
+                return
+            if result is CommitResult.ALREADY_PROCESSED:
+                await self._flush_outbox(env.id)
+                return
             log.info("version conflict on %s, re-deciding %s", key, env.id)
-        else:
-            raise RetryableError(f"state of {key} kept changing under {env.id}")
-        await self._flush_outbox(env.id)
+        raise RetryableError(f"state of {key} kept changing under {env.id}")
 
     async def _flush_outbox(self, event_id: str) -> None:
         events = await self.store.outbox(event_id)
