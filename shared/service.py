@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ class ServiceSpec:
 
     name: str
     subscriptions: Callable[[ServiceContext], Sequence[Subscription[Any]]]
-    background: Sequence[Callable[[ServiceContext], Awaitable[None]]] = field(default_factory=list)
+    background: Sequence[Callable[[ServiceContext], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
 
 async def open_context(name: str, settings: Settings) -> ServiceContext:
@@ -55,7 +55,7 @@ async def serve(spec: ServiceSpec, settings: Settings | None = None) -> None:
     consumers = [IdempotentConsumer(ctx.bus, ctx.store, spec.name, s) for s in spec.subscriptions(ctx)]
     for consumer in consumers:
         await consumer.start()
-    tasks = [asyncio.create_task(job(ctx)) for job in spec.background]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job(ctx)) for job in spec.background]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

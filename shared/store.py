@@ -64,7 +64,7 @@ class StateStore:
         version, raw = await self.redis.hmget(self.state_key(key), ["v", "s"])
         if raw is None:
             return None, int(version or 0)
-        return model.model_validate_json(raw), int(version)
+        return model.model_validate_json(raw), int(version or 0)
 
     async def commit(
         self,

@@ -197,9 +197,10 @@ def _immutable_field_errors(state: PlannerState, cs: ClusterSet) -> list[FieldEr
 
 
 def _rejected(env: Envelope, document: Any, errors: list[FieldError]) -> Envelope:
-    meta = document.get("metadata") if isinstance(document, dict) else None
-    meta = meta if isinstance(meta, dict) else {}
-    loc = meta.get("location") if isinstance(meta.get("location"), dict) else {}
+    raw_meta = document.get("metadata") if isinstance(document, dict) else None
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    raw_loc = meta.get("location")
+    loc: dict[str, Any] = raw_loc if isinstance(raw_loc, dict) else {}
     as_str = lambda v: v if isinstance(v, str) else None  # noqa: E731
     return new_event(ClusterSetRejected(
         clusterset=as_str(meta.get("name")), cloud=as_str(loc.get("cloud")), region=as_str(loc.get("region")),

@@ -33,14 +33,12 @@ class PublishError(RuntimeError):
 
 
 def stream_configs(settings: Settings) -> list[jsapi.StreamConfig]:
-    common = dict(
-        storage=jsapi.StorageType.FILE,
-        num_replicas=settings.stream_replicas,
-        duplicate_window=settings.duplicate_window_s,
-        retention=jsapi.RetentionPolicy.LIMITS,
-    )
     return [
-        jsapi.StreamConfig(name=name, subjects=subs, description=f"flotilla {name.lower()}", **common)
+        jsapi.StreamConfig(
+            name=name, subjects=subs, description=f"flotilla {name.lower()}", storage=jsapi.StorageType.FILE,
+            num_replicas=settings.stream_replicas, duplicate_window=settings.duplicate_window_s,
+            retention=jsapi.RetentionPolicy.LIMITS,
+        )  # fmt: skip
         for name, subs in subjects.STREAM_SUBJECTS.items()
     ]
 
@@ -54,6 +52,7 @@ class Bus:
     async def ensure_streams(self) -> None:
         """Create the streams, or bring an existing one to the configured settings."""
         for config in stream_configs(self.settings):
+            assert config.name
             try:
                 info = await self.js.stream_info(config.name)
             except NotFoundError:

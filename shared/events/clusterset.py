@@ -226,6 +226,5 @@ def validate_clusterset(document: Any) -> tuple[ClusterSet | None, list[FieldErr
             else:
                 errors.append(FieldError(field=path, message=e["msg"]))
         # Unions report one error per branch; keep each (field, message) once, in order.
-        seen: set[tuple[str, str]] = set()
-        unique = [x for x in errors if (x.field, x.message) not in seen and not seen.add((x.field, x.message))]
+        unique = list({(x.field, x.message): x for x in errors}.values())
         return None, unique

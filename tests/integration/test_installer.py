@@ -31,23 +31,7 @@ from shared.events.models import (
 from shared.service import ServiceContext, open_context
 from tests.conftest import example_documents, make_settings
 
-EXAMPLES = example_documents()
-
-
 # ---------------------------------------------------------------- helpers
-async def wait_until(predicate: Callable[[], object], within: float = 15.0, interval: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
-
-
 @dataclass
 class Cluster:
     requested: Envelope
@@ -59,59 +43,32 @@ class Cluster:
 
     @property
     def payload(self) -> ClusterRequested:
-        payload = decode_payload(self.requested)
-        assert isinstance(payload, ClusterRequested)
-        return payload
+        return payload_as(self.requested, ClusterRequested)
 
     def retirement(self) -> Envelope:
-        p = self.payload
-        retire = ClusterRetirementRequested(location=p.location, cluster_id=p.cluster_id, clusterset=p.clusterset,
-                                            reason="scale-down")  # fmt: skip
-        return new_event(retire, source="planner")
+        return retirement_envelope(self.requested)
 
 
 def cluster(name: str, suffix: str = "0001") -> Cluster:
-    clusterset, errors = validate_clusterset(EXAMPLES[name])
-    assert clusterset is not None, errors
-    spec = clusterset.spec.cluster_spec()
-    cid = f"{name}-{suffix}"
-    common: dict[str, Any] = dict(location=clusterset.metadata.location, cluster_id=cid, clusterset=name)
-    requested = ClusterRequested(**common, serial=0, cluster_type=clusterset.metadata.cluster_type, generation=1,
-                                 config_hash=spec.config_hash(), spec=spec)  # fmt: skip
-    provisioned = ClusterProvisioned(**common, endpoint=f"https://{cid}.sim.example", ca_fingerprint="sha256:00",
-                                     network=NetworkInfo(network_id="net-1", subnet_ids=["subnet-1"]),
-                                     resources={}, credential_ref=f"sim://{cid}")  # fmt: skip
-    req_env = new_event(requested, source="planner")
-    return Cluster(req_env, new_event(provisioned, source="cloud_provisioner", cause=req_env))
-
-
-async def fleet(bus: Bus) -> list[tuple[str, Envelope]]:
-    """Every message in FLEET, in stream order, as (subject, envelope)."""
-    info = await bus.js.stream_info(subjects.STREAM_FLEET)
-    out = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await bus.js.get_msg(subjects.STREAM_FLEET, seq)
-        assert msg.subject is not None and msg.data is not None
-        out.append((msg.subject, Envelope.from_bytes(msg.data)))
-    return out
+    requested = cluster_requested(name, suffix)
+    req_env = from_planner(requested)
+    return Cluster(req_env, new_event(cluster_provisioned(requested), source="cloud_provisioner", cause=req_env))
 
 
 async def events_for(bus: Bus, cluster_id: str, source: str = SERVICE) -> list[tuple[str, Event]]:
-    return [(subj, decode_payload(env)) for subj, env in await fleet(bus)
-            if env.subject == cluster_id and env.source == source]  # fmt: skip
+    return [(subj, decode_payload(env)) for subj, env in await fleet_messages(bus, source=source, aggregate=cluster_id)]
 
 
 async def readies(bus: Bus) -> set[str]:
-    return {env.subject for _, env in await fleet(bus) if env.type == "ClusterReady"}
+    return {env.subject for env in await fleet_events(bus) if env.type == "ClusterReady"}
 
 
 async def installer_state(ctx: ServiceContext, cluster_id: str) -> InstallerState | None:
     return (await ctx.store.load(cluster_id, InstallerState))[0]
 
 
-async def consumer_drained(bus: Bus) -> bool:
-    info = await bus.js.consumer_info(subjects.STREAM_FLEET, DURABLE)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+async def drained(bus: Bus) -> bool:
+    return await consumer_drained(bus, DURABLE)
 
 
 @dataclass
@@ -179,7 +136,7 @@ async def test_examples_install_in_dependency_order_then_ready(settings: Setting
             assert await run.target.write_log(c.id) == [f"{s}@{CATALOG[s].version}" for s in order]
             assert set(await run.target.installed(c.id)) == set(order)
             # The installer's stored state is exactly a replay of the cluster's history in FLEET.
-            history = [decode_payload(env) for _, env in await fleet(bus) if env.subject == c.id]
+            history = [decode_payload(env) for env in await fleet_events(bus) if env.subject == c.id]
             assert await installer_state(run.ctx, c.id) == core.replay(history)
 
     # The routing promise: one wildcard selects every AWS cluster that became ready.
@@ -202,8 +159,8 @@ async def test_republish_and_full_replay_create_no_new_event_and_reapply_nothing
         await bus.publish(c.requested)
         await bus.publish(c.provisioned)
         await wait_until(async_eq(lambda: readies(bus), {c.id}))
-        await wait_until(lambda: consumer_drained(bus))
-        before = [env.id for _, env in await fleet(bus)]
+        await wait_until(lambda: drained(bus))
+        before = [env.id for env in await fleet_events(bus)]
         stats = await run.target.stats(c.id)
         assert stats == {**{f"apply:{s}": 1 for s in expected_order(c)}, **{f"write:{s}": 1 for s in expected_order(c)}}
 
@@ -214,19 +171,19 @@ async def test_republish_and_full_replay_create_no_new_event_and_reapply_nothing
         for env in (c.requested, c.provisioned):
             subject = decode_payload(env).subject()
             await bus.publish_raw(subject, env.to_bytes(), {"Nats-Msg-Id": f"again-{env.id}"}, subjects.STREAM_FLEET)
-        await wait_until(lambda: consumer_drained(bus))
-        after = [env.id for _, env in await fleet(bus)]
+        await wait_until(lambda: drained(bus))
+        after = [env.id for env in await fleet_events(bus)]
         assert after == before + [c.requested.id, c.provisioned.id]  # only the two raw copies were added
         assert await run.target.stats(c.id) == stats
 
     # Replay: reset the consumer to the stream's first message and redeliver everything.
     await bus.js.delete_consumer(subjects.STREAM_FLEET, DURABLE)
     async with installer(settings) as run:
-        handled = sum(1 for _, env in await fleet(bus) if env.type in {"ClusterRequested", "ClusterProvisioned",
+        handled = sum(1 for env in await fleet_events(bus) if env.type in {"ClusterRequested", "ClusterProvisioned",
                                                                        "InfraServiceInstalled"})  # fmt: skip
         await wait_until(lambda: sum(x.processed for x in run.consumers) == handled)
-        await wait_until(lambda: consumer_drained(bus))
-        assert [env.id for _, env in await fleet(bus)] == after
+        await wait_until(lambda: drained(bus))
+        assert [env.id for env in await fleet_events(bus)] == after
         assert await run.target.stats(c.id) == stats
 
 
@@ -259,7 +216,7 @@ async def test_exhausted_retries_emit_cluster_infra_failed(nats_proc, redis_proc
         (failure,) = await failed()
         assert failure.service == "cert-manager" and failure.retryable is True
         assert "injected fault" in failure.reason
-        await wait_until(lambda: consumer_drained(bus))
+        await wait_until(lambda: drained(bus))
         events = await events_for(bus, c.id)
         order = expected_order(c)
         installed = [e.service for _, e in events if isinstance(e, InfraServiceInstalled)]
@@ -307,7 +264,7 @@ async def test_retirement_mid_way_stops_the_chain(nats_proc, redis_proc, bus: Bu
         await wait_until(lambda: _retired(run, c.id))
         # The in-flight chain message is redelivered after retirement and now would succeed: it must do nothing.
         await run.target.clear_faults()
-        await wait_until(lambda: consumer_drained(bus))
+        await wait_until(lambda: drained(bus))
         await asyncio.sleep(0.5)  # longer than the largest backoff: any late redelivery has come and gone
         events = await events_for(bus, c.id)
         installed = [e.service for _, e in events if isinstance(e, InfraServiceInstalled)]

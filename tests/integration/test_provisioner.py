@@ -10,10 +10,9 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,69 +24,29 @@ from services.cloud_provisioner.providers.simcloud import SimCloud
 from shared.bus import Bus, IdempotentConsumer
 from shared.config import Settings
 from shared.embedded import ServerProcess, service_env, start_service
-from shared.events import Envelope, new_event, subjects, validate_clusterset
+from shared.events import Envelope, subjects
 from shared.events.factory import subject_of
-from shared.events.models import (
-    PROVISION_STEPS,
-    ClusterProvisioned,
-    ClusterProvisioningFailed,
-    ClusterRequested,
-    ClusterRetirementRequested,
-)
+from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed
 from shared.service import ServiceContext, open_context, redis_client
-from tests.conftest import example_documents, make_settings
+from tests.conftest import make_settings
+from tests.helpers import (
+    BYON,
+    GCP,
+    PLAIN,
+    consumer_drained,
+    fleet_events,
+    request_envelope,
+    retirement_envelope,
+    wait_until,
+)
 
-EXAMPLES = example_documents()
-PLAIN = "modelserving-prod-aws-us-east-1"
-BYON = "dataeng-staging-azure-westeurope"
-GCP = "serverless-prod-gcp-europe-west4"
 ALL_KINDS = ("network", "cluster", "node_pool", "iam_role", "log_stream")
 
 
 # ---------------------------------------------------------------- helpers
-def request(name: str, suffix: str = "0001") -> Envelope:
-    clusterset, errors = validate_clusterset(EXAMPLES[name])
-    assert clusterset is not None, errors
-    spec = clusterset.spec.cluster_spec()
-    payload = ClusterRequested(
-        cluster_id=f"{name}-{suffix}", clusterset=name, location=clusterset.metadata.location,
-        cluster_type=clusterset.metadata.cluster_type, generation=1, config_hash=spec.config_hash(), spec=spec, serial=0,
-    )  # fmt: skip
-    return new_event(payload, source="planner")
-
-
-def retirement(req: Envelope) -> Envelope:
-    payload = ClusterRetirementRequested(cluster_id=req.subject, clusterset=req.data["clusterset"],
-                                         location=req.data["location"], reason="scale-down")  # fmt: skip
-    return new_event(payload, source="planner")
-
-
-async def fleet(bus: Bus) -> list[Envelope]:
-    """Every message in FLEET, in stream order."""
-    info = await bus.js.stream_info(subjects.STREAM_FLEET)
-    out = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await bus.js.get_msg(subjects.STREAM_FLEET, seq)
-        assert msg.data is not None
-        out.append(Envelope.from_bytes(msg.data))
-    return out
-
-
 async def ours(bus: Bus, cluster_id: str | None = None) -> list[Envelope]:
-    return [e for e in await fleet(bus) if e.source == SERVICE and (cluster_id is None or e.subject == cluster_id)]
-
-
-async def wait_until(predicate: Callable[[], Any], within: float = 20.0, interval: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
+    """What the provisioner emitted (about one cluster), in stream order."""
+    return await fleet_events(bus, source=SERVICE, aggregate=cluster_id)
 
 
 async def wait_for_type(bus: Bus, event_type: str, cluster_ids: list[str], within: float = 20.0) -> None:
@@ -99,8 +58,7 @@ async def wait_for_type(bus: Bus, event_type: str, cluster_ids: list[str], withi
 
 
 async def drained(bus: Bus) -> bool:
-    info = await bus.js.consumer_info(subjects.STREAM_FLEET, DURABLE)
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    return await consumer_drained(bus, DURABLE)
 
 
 def per_cluster(kinds: dict[str, int] | None = None, pools: int = 1, byon: bool = False) -> dict[str, int]:
@@ -140,7 +98,7 @@ async def provisioner(settings: Settings, max_deliver: int | None = None) -> Asy
 
 # ---------------------------------------------------------------- tests
 async def test_provisions_every_step_once_and_repeats_change_nothing(settings: Settings, bus: Bus) -> None:
-    req = request(PLAIN)
+    req = request_envelope(PLAIN)
     cid = req.subject
     async with provisioner(settings) as svc:
         await bus.publish(req)
@@ -161,7 +119,7 @@ async def test_provisions_every_step_once_and_repeats_change_nothing(settings: S
         # event id), and the state guard (the planner re-emitting it with a new event id).
         assert not await bus.publish(req)
         await bus.publish_raw(subject_of(req), req.to_bytes(), {"Nats-Msg-Id": "again-1"}, subjects.STREAM_FLEET)
-        await bus.publish(request(PLAIN))
+        await bus.publish(request_envelope(PLAIN))
         await wait_until(lambda: drained(bus))
         assert [e.id for e in await ours(bus, cid)] == [e.id for e in events]
         assert await svc.sim.stats() == before_stats and await svc.sim.inventory() == {cid: per_cluster()}
@@ -184,7 +142,7 @@ async def test_provisions_every_step_once_and_repeats_change_nothing(settings: S
 
 
 async def test_retirement_removes_everything_and_leaves_a_byon_network_alone(settings: Settings, bus: Bus) -> None:
-    reqs = [request(PLAIN), request(BYON), request(GCP)]
+    reqs = [request_envelope(PLAIN), request_envelope(BYON), request_envelope(GCP)]
     ids = [r.subject for r in reqs]
     async with provisioner(settings) as svc:
         for r in reqs:
@@ -198,7 +156,7 @@ async def test_retirement_removes_everything_and_leaves_a_byon_network_alone(set
         assert byon.network.network_id.endswith("/virtualNetworks/shared-vnet")
 
         for r in reqs:
-            await bus.publish(retirement(r))
+            await bus.publish(retirement_envelope(r))
         await wait_for_type(bus, "ClusterDeprovisioned", ids)
         assert await svc.sim.inventory() == {}
         for cid in ids:
@@ -212,9 +170,9 @@ async def test_retirement_removes_everything_and_leaves_a_byon_network_alone(set
 
 
 async def test_retirement_of_an_unknown_cluster_is_deprovisioned_at_once(settings: Settings, bus: Bus) -> None:
-    req = request(PLAIN, "ghost")
+    req = request_envelope(PLAIN, "ghost")
     async with provisioner(settings) as svc:
-        await bus.publish(retirement(req))
+        await bus.publish(retirement_envelope(req))
         await wait_for_type(bus, "ClusterDeprovisioned", [req.subject])
         await bus.publish(req)  # a late request for it: ignored
         await wait_until(lambda: drained(bus))
@@ -225,7 +183,7 @@ async def test_retirement_of_an_unknown_cluster_is_deprovisioned_at_once(setting
 async def test_retirement_mid_way_converges_to_nothing(nats_proc: ServerProcess, redis_proc: ServerProcess,
                                                        bus: Bus) -> None:  # fmt: skip
     slow = make_settings(nats_proc.port, redis_proc.port, sim_latency_s=0.15, sim_latency_jitter=0.3)
-    reqs = [request(PLAIN, f"m{i}") for i in range(3)]
+    reqs = [request_envelope(PLAIN, f"m{i}") for i in range(3)]
     ids = [r.subject for r in reqs]
     async with provisioner(slow) as svc:
         for r in reqs:
@@ -235,11 +193,11 @@ async def test_retirement_mid_way_converges_to_nothing(nats_proc: ServerProcess,
             return sum(e.type == "ClusterResourceProvisioned" for e in await ours(bus, cid)) >= steps
 
         # Retire each at a different point: right away, after one step, after three.
-        await bus.publish(retirement(reqs[0]))
+        await bus.publish(retirement_envelope(reqs[0]))
         await wait_until(lambda: started(ids[1], 1))
-        await bus.publish(retirement(reqs[1]))
+        await bus.publish(retirement_envelope(reqs[1]))
         await wait_until(lambda: started(ids[2], 3))
-        await bus.publish(retirement(reqs[2]))
+        await bus.publish(retirement_envelope(reqs[2]))
         await wait_for_type(bus, "ClusterDeprovisioned", ids)
         await wait_until(lambda: drained(bus))
         await asyncio.sleep(0.5)  # nothing in flight may complete later and leave something behind
@@ -252,7 +210,7 @@ async def test_retirement_mid_way_converges_to_nothing(nats_proc: ServerProcess,
 
 
 async def test_terminal_fault_fails_the_cluster_and_retirement_still_cleans_up(settings: Settings, bus: Bus) -> None:
-    req = request(PLAIN, "quota")
+    req = request_envelope(PLAIN, "quota")
     cid = req.subject
     async with provisioner(settings) as svc:
         await svc.sim.add_fault(kind="cluster", name_prefix=cid, code="QuotaExceeded", retryable=False)
@@ -264,13 +222,13 @@ async def test_terminal_fault_fails_the_cluster_and_retirement_still_cleans_up(s
         await wait_until(lambda: drained(bus))
         assert await svc.sim.inventory() == {cid: {"network": 1}}
         assert (await svc.sim.stats())["faulted:create:cluster"] == 1  # not retried
-        await bus.publish(retirement(req))
+        await bus.publish(retirement_envelope(req))
         await wait_for_type(bus, "ClusterDeprovisioned", [cid])
         assert await svc.sim.inventory() == {}
 
 
 async def test_retryable_fault_is_retried_then_recorded_when_exhausted(settings: Settings, bus: Bus) -> None:
-    req = request(PLAIN, "flaky")
+    req = request_envelope(PLAIN, "flaky")
     cid = req.subject
     async with provisioner(settings, max_deliver=4) as svc:
         # Fails a few times, then works: retried transparently.
@@ -279,7 +237,7 @@ async def test_retryable_fault_is_retried_then_recorded_when_exhausted(settings:
         await wait_for_type(bus, "ClusterProvisioned", [cid])
         assert await svc.sim.inventory() == {cid: per_cluster()}
 
-        other = request(PLAIN, "broken")
+        other = request_envelope(PLAIN, "broken")
         await svc.sim.add_fault(kind="log_stream", name_prefix=other.subject, code="ServiceUnavailable",
                                 retryable=True)  # fmt: skip
         await bus.publish(other)
@@ -290,7 +248,7 @@ async def test_retryable_fault_is_retried_then_recorded_when_exhausted(settings:
         assert dead.state.messages == 1
         # Once the cloud recovers, asking again finishes the job.
         await svc.sim.clear_faults()
-        await bus.publish(request(PLAIN, "broken"))
+        await bus.publish(request_envelope(PLAIN, "broken"))
         await wait_for_type(bus, "ClusterProvisioned", [other.subject])
         assert (await svc.sim.inventory())[other.subject] == per_cluster()
 
@@ -298,7 +256,9 @@ async def test_retryable_fault_is_retried_then_recorded_when_exhausted(settings:
 async def test_throttling_still_converges(nats_proc: ServerProcess, redis_proc: ServerProcess, bus: Bus) -> None:
     noisy = make_settings(nats_proc.port, redis_proc.port, sim_throttle_rate=0.3, sim_failure_rate=0.05, sim_seed=42,
                           sim_latency_s=0.02)  # fmt: skip
-    reqs = [request(name, "t") for name in (PLAIN, BYON, GCP)] + [request(PLAIN, f"t{i}") for i in range(3)]
+    reqs = [request_envelope(name, "t") for name in (PLAIN, BYON, GCP)] + [
+        request_envelope(PLAIN, f"t{i}") for i in range(3)
+    ]
     ids = [r.subject for r in reqs]
     async with provisioner(noisy) as svc:
         for r in reqs:
@@ -311,7 +271,7 @@ async def test_throttling_still_converges(nats_proc: ServerProcess, redis_proc: 
         stats = await calm.stats()
         assert sum(v for k, v in stats.items() if k.startswith("throttled:")) > 5
         for r in reqs:
-            await bus.publish(retirement(r))
+            await bus.publish(retirement_envelope(r))
         await wait_for_type(bus, "ClusterDeprovisioned", ids, within=60)
         assert await calm.inventory() == {}
         steps = Counter((e.subject, e.data["step"]) for e in await ours(bus) if e.type == "ClusterResourceProvisioned")
@@ -327,7 +287,7 @@ async def test_sigkill_mid_way_resumes_without_duplicates(nats_proc: ServerProce
     settings = make_settings(nats_proc.port, redis_proc.port)
     redis = redis_client(settings)
     sim = SimCloud(redis, settings.redis_prefix)
-    reqs = [request(PLAIN, f"k{i}") for i in range(4)] + [request(BYON, "k")]
+    reqs = [request_envelope(PLAIN, f"k{i}") for i in range(4)] + [request_envelope(BYON, "k")]
     ids = [r.subject for r in reqs]
     proc = start_service(SERVICE, env, tmp_path / "logs")
     try:
@@ -356,7 +316,7 @@ async def test_sigkill_mid_way_resumes_without_duplicates(nats_proc: ServerProce
 
         # And a kill in the middle of retirements: still nothing left afterwards.
         for r in reqs:
-            await bus.publish(retirement(r))
+            await bus.publish(retirement_envelope(r))
 
         async def some_deleted() -> bool:
             return sum(e.type == "ClusterResourceDeprovisioned" for e in await ours(bus)) >= 4
