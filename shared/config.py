@@ -42,10 +42,18 @@ class Settings(BaseSettings):
     sim_install_latency_s: float = Field(default=0.1, ge=0)
     sim_seed: int | None = None
 
-    # Which driver serves each cloud ("sim" until the real drivers land; one deployment may mix them).
-    cloud_drivers: dict[Literal["aws", "azure", "gcp"], Literal["sim"]] = Field(
+    # Which driver serves each cloud: the simulated cloud or the real one through its SDK.
+    # One deployment may mix them, e.g. {"aws": "real", "azure": "sim", "gcp": "sim"}.
+    cloud_drivers: dict[Literal["aws", "azure", "gcp"], Literal["sim", "real"]] = Field(
         default={"aws": "sim", "azure": "sim", "gcp": "sim"}
     )
+    # Real drivers use each SDK's standard credential chain; these only pick the account and,
+    # for tests or private endpoints, the API address.
+    aws_endpoint_url: str | None = None
+    azure_subscription_id: str | None = None
+    azure_base_url: str | None = None
+    gcp_project: str | None = None
+    gcp_api_endpoint: str | None = None
     k8s_target: Literal["sim"] = "sim"
     install_health_timeout_s: float = Field(default=300.0, gt=0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from shared.bus import Bus
 from shared.events import ClusterSpec, Envelope, new_event, subjects, validate_clusterset
@@ -94,7 +95,10 @@ def cluster_provisioned(req: ClusterRequested) -> ClusterProvisioned:
     )  # fmt: skip
 
 
-def retirement_requested(req: ClusterRequested, reason: str = "scale-down") -> ClusterRetirementRequested:
+RetirementReason = Literal["scale-down", "clusterset-deleted", "rotation", "manual"]
+
+
+def retirement_requested(req: ClusterRequested, reason: RetirementReason = "scale-down") -> ClusterRetirementRequested:
     """The planner retiring the cluster `req` asked for."""
     return ClusterRetirementRequested(cluster_id=req.cluster_id, clusterset=req.clusterset, location=req.location,
                                       reason=reason)  # fmt: skip

@@ -83,12 +83,10 @@ class Provisioner:
     # ------------------------------------------------------------------ handler
     async def handle(self, env: Envelope, state: State | None) -> Outcome[State]:
         await self._compensate(env, state)
-        after = core.evolve(state, env)
-        if after is None or not core.should_act(state, after, env):
-            return Outcome(state=after if after != state else None)
-        action = core.next_action(after)
-        if action is None:
-            return Outcome(state=after)
+        decided = self._decide(env, state)
+        if isinstance(decided, Outcome):
+            return decided
+        after, action = decided
         try:
             payload = await self._perform(action, after, env)
         except CloudError as exc:
@@ -102,16 +100,26 @@ class Provisioner:
 
     async def on_exhausted(self, env: Envelope, state: State | None, reason: str) -> Outcome[State]:
         """Out of retries: record the failure (retryable: a new request or retirement tries again)."""
+        decided = self._decide(env, state)
+        if isinstance(decided, Outcome):
+            return decided
+        after, action = decided
+        code, message = parse_reason(reason)
+        payload = core.failed(after, action, code, message, retryable=True)
+        out = new_event(payload, source=SERVICE, cause=env, discriminator="exhausted:" + _discriminator(payload))
+        return Outcome(state=core.evolve(after, out), events=[out])
+
+    @staticmethod
+    def _decide(env: Envelope, state: State | None) -> tuple[State, core.Action] | Outcome[State]:
+        """Fold `env` in; return the action this message must perform (with the state it acts on), or,
+        when it must perform none, the outcome to commit as is (the new state only if it changed)."""
         after = core.evolve(state, env)
         if after is None or not core.should_act(state, after, env):
             return Outcome(state=after if after != state else None)
         action = core.next_action(after)
         if action is None:
             return Outcome(state=after)
-        code, message = parse_reason(reason)
-        payload = core.failed(after, action, code, message, retryable=True)
-        out = new_event(payload, source=SERVICE, cause=env, discriminator="exhausted:" + _discriminator(payload))
-        return Outcome(state=core.evolve(after, out), events=[out])
+        return after, action
 
     async def _perform(self, action: core.Action, state: State, cause: Envelope) -> Event:
         match action:

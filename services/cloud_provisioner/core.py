@@ -14,13 +14,19 @@ Guards that keep duplicates and late events harmless:
   retirement took over, starts no second chain.
 - Retirement is terminal: the target becomes absent and stays absent (cluster ids are
   never reused; a replacement is a new cluster).
-- Leaks are closed three ways: the step that may have been in flight when a retirement
+- Leaks are closed four ways: the step that may have been in flight when a retirement
   arrived is deleted by tag lookup (`unconfirmed`: covers a crash after the create but
   before the commit); a step result that arrives after the retirement is recorded and
-  deleted; and the app undoes a create whose commit lost a race to a retirement.
-  Known gap: a request whose first handling crashed after creating the network and whose
-  retirement is handled before the redelivery counts as "never requested"; its network
-  would be left behind (the window is one create wide).
+  deleted; the app undoes a create whose commit lost a race to a retirement; and the
+  retirement of a cluster we have no record of sweeps every step by tag, in reverse order,
+  before ClusterDeprovisioned. That last one covers a request whose first handling crashed
+  after creating the network (so nothing was committed) and whose retirement is handled
+  before the redelivery: the state is None, yet the network exists. One step per message,
+  like any deprovision chain; the redelivered request then finds the cluster retired and
+  creates nothing.
+- A sweep without a spec cannot tell a bring-your-own network from ours, and needs not:
+  deletes by tag only find resources tagged with this cluster's id, which an adopted network
+  never is (we never tag what we do not create).
 """
 
 from __future__ import annotations
@@ -68,12 +74,13 @@ class ProvisionerState(BaseModel):
     cluster_id: str
     clusterset: str
     location: Location
-    spec: ClusterSpec | None = None  # None: retired without ever being requested
+    spec: ClusterSpec | None = None  # None: retired before any request was recorded
     target: Target = "present"
     # Steps whose resources exist (ensured and not deleted since), with what the step reported.
     resources: dict[ProvisionStep, dict[str, Any]] = {}
     # Steps that may have been started without a recorded result (the step in flight when the
-    # retirement arrived; a crash may have left it half done): deleted by tag lookup.
+    # retirement arrived, or every step of a cluster retired before any request was recorded;
+    # a crash may have left it half done): deleted by tag lookup.
     unconfirmed: list[ProvisionStep] = []
     deleted: list[ProvisionStep] = []
     provisioned: bool = False
@@ -165,9 +172,11 @@ def _apply(state: ProvisionerState | None, event: Event, env: Envelope) -> Provi
             return state  # duplicate request, or a late one after retirement: ignored
         case ClusterRetirementRequested():
             if state is None:
+                # No record, but a first handling of the request may have created something and
+                # crashed before committing: sweep every step by tag (the chain runs them in reverse).
                 return ProvisionerState(
                     cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location,
-                    target="absent",
+                    target="absent", unconfirmed=list(PROVISION_STEPS),
                 )  # fmt: skip
             if state.target == "present":
                 pending = [s for s in _frontier(state) if s not in state.unconfirmed]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from shared.events.models import (
 )
 from shared.stack import StackOptions, run
 from tests.conftest import EXAMPLES_DIR, example_documents
+from tests.helpers import wait_until
 
 MODELSERVING = "modelserving-prod-aws-us-east-1"
 
@@ -176,8 +177,13 @@ def ready_event(n: int, cloud: str, cluster_type: str) -> Envelope:
     return new_event(payload, source="infra_installer")
 
 
-async def _fleet_consumers(bus: Bus) -> int:
-    return len(await bus.js.consumers_info(subjects.STREAM_FLEET))
+def fleet_consumers_are(bus: Bus, n: int) -> Callable[[], Awaitable[bool]]:
+    """A `wait_until` predicate: FLEET has exactly `n` consumers (the watch's ordered consumer is one)."""
+
+    async def check() -> bool:
+        return len(await bus.js.consumers_info(subjects.STREAM_FLEET)) == n
+
+    return check
 
 
 async def collect(agen: AsyncGenerator[ClusterReady, None], n: int, into: list[ClusterReady]) -> None:
@@ -192,7 +198,7 @@ async def test_watch_ready_filters_by_cloud_and_type(client: FlotillaClient, bus
     await bus.publish(ready_event(0, "aws", "ModelServing"))  # before the watch: not delivered (only new ones)
     got: list[ClusterReady] = []
     task = asyncio.create_task(collect(client.watch_ready(cloud="aws", cluster_type="ModelServing"), 2, got))
-    await _until(lambda: _fleet_consumers(bus), lambda n: n == 1)
+    await wait_until(fleet_consumers_are(bus, 1), within=10)
     published = [(1, "aws", "Core"), (2, "gcp", "ModelServing"), (3, "aws", "ModelServing"),
                  (4, "azure", "ModelServing"), (5, "aws", "ModelServing")]  # fmt: skip
     for n, cloud, cluster_type in published:
@@ -200,7 +206,7 @@ async def test_watch_ready_filters_by_cloud_and_type(client: FlotillaClient, bus
     await asyncio.wait_for(task, 10)
     assert [r.cluster_id for r in got] == ["c3-aws", "c5-aws"]
     # The ordered consumer is ephemeral: it goes away with the watch.
-    await _until(lambda: _fleet_consumers(bus), lambda n: n == 0, within_s=3)
+    await wait_until(fleet_consumers_are(bus, 0), within=3)
 
 
 async def test_watch_ready_since_start_replays_and_skips_repeated_ids(client: FlotillaClient, bus: Bus) -> None:
@@ -214,17 +220,6 @@ async def test_watch_ready_since_start_replays_and_skips_repeated_ids(client: Fl
     await asyncio.wait_for(collect(client.watch_ready(cloud="gcp", region="europe-west4", since_start=True), 2, got),
                            10)  # fmt: skip
     assert [r.cluster_id for r in got] == ["c1-gcp", "c2-gcp"]
-
-
-async def _until(probe: Callable[[], Any], ok: Callable[[Any], bool], within_s: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        value = await probe()
-        if ok(value):
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {within_s}s (last value {value!r})")
-        await asyncio.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- status API reads

@@ -13,25 +13,13 @@ from shared.bus import IdempotentConsumer, Outcome, Subscription
 from shared.bus.connection import Bus
 from shared.events import ClusterSetApplied, ClusterSetDeleted, Envelope, new_event, subjects
 from shared.store import StateStore
+from tests.helpers import wait_until
 
 SERVICE = "testsvc"
 
 
 class Tally(BaseModel):
     seen: list[str] = []
-
-
-async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
 
 
 def deleted(name: str) -> Envelope:
@@ -216,11 +204,11 @@ async def test_consumer_recovers_after_nats_restart_and_consumer_loss(bus, redis
     await wait_until(lambda: consumer.processed == 1)
     nats_proc.restart()
     await bus.publish(deleted("f2"))
-    await wait_until(lambda: consumer.processed == 2, timeout=20)
+    await wait_until(lambda: consumer.processed == 2, within=20)
     # The durable consumer deleted behind our back (operator error): the loop re-creates it.
     await bus.js.delete_consumer(subjects.STREAM_CLUSTERSETS, "t")
     await bus.publish(deleted("f3"))
-    await wait_until(lambda: consumer.processed >= 3, timeout=20)
+    await wait_until(lambda: consumer.processed >= 3, within=20)
     await consumer.stop()
 
 

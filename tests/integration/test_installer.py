@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from nats.js import api as jsapi
 
@@ -17,19 +16,23 @@ from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import Bus, IdempotentConsumer
 from shared.catalog import CATALOG, install_order
 from shared.config import Settings
-from shared.events import Envelope, decode_payload, new_event, subjects, validate_clusterset
-from shared.events.models import (
-    ClusterInfraFailed,
-    ClusterProvisioned,
-    ClusterReady,
-    ClusterRequested,
-    ClusterRetirementRequested,
-    Event,
-    InfraServiceInstalled,
-    NetworkInfo,
-)
+from shared.events import Envelope, decode_payload, new_event, subjects
+from shared.events.factory import payload_as
+from shared.events.models import ClusterInfraFailed, ClusterReady, ClusterRequested, Event, InfraServiceInstalled
 from shared.service import ServiceContext, open_context
-from tests.conftest import example_documents, make_settings
+from tests.conftest import make_settings
+from tests.helpers import (
+    EXAMPLES,
+    cluster_provisioned,
+    cluster_requested,
+    consumer_drained,
+    fleet_events,
+    fleet_messages,
+    from_planner,
+    retirement_envelope,
+    wait_until,
+)
+
 
 # ---------------------------------------------------------------- helpers
 @dataclass
@@ -57,6 +60,17 @@ def cluster(name: str, suffix: str = "0001") -> Cluster:
 
 async def events_for(bus: Bus, cluster_id: str, source: str = SERVICE) -> list[tuple[str, Event]]:
     return [(subj, decode_payload(env)) for subj, env in await fleet_messages(bus, source=source, aggregate=cluster_id)]
+
+
+async def the_failure(bus: Bus, cluster_id: str) -> ClusterInfraFailed:
+    """Wait for the cluster's ClusterInfraFailed; there must be exactly one."""
+
+    async def failures() -> list[ClusterInfraFailed]:
+        return [e for _, e in await events_for(bus, cluster_id) if isinstance(e, ClusterInfraFailed)]
+
+    await wait_until(failures)
+    (failure,) = await failures()
+    return failure
 
 
 async def readies(bus: Bus) -> set[str]:
@@ -130,7 +144,7 @@ async def test_examples_install_in_dependency_order_then_ready(settings: Setting
             assert isinstance(ready, ClusterReady) and len(events) == len(order) + 1
             assert subject == f"fleet.cluster_ready.{p.location.cloud}.{p.location.region}.{c.id}"
             assert (ready.cluster_type, ready.config_hash) == (p.cluster_type, p.config_hash)
-            assert ready.endpoint == f"https://{c.id}.sim.example"
+            assert ready.endpoint == f"https://{c.id}.example"
             assert ready.infra_services == [{"name": s, "version": CATALOG[s].version} for s in order]
             # What is on the (simulated) cluster, in the order it was written.
             assert await run.target.write_log(c.id) == [f"{s}@{CATALOG[s].version}" for s in order]
@@ -208,12 +222,7 @@ async def test_exhausted_retries_emit_cluster_infra_failed(nats_proc, redis_proc
         await run.target.add_fault(service="cert-manager", times=1000)
         await bus.publish(c.requested)
         await bus.publish(c.provisioned)
-
-        async def failed() -> list[ClusterInfraFailed]:
-            return [e for _, e in await events_for(bus, c.id) if isinstance(e, ClusterInfraFailed)]
-
-        await wait_until(failed)
-        (failure,) = await failed()
+        failure = await the_failure(bus, c.id)
         assert failure.service == "cert-manager" and failure.retryable is True
         assert "injected fault" in failure.reason
         await wait_until(lambda: drained(bus))
@@ -237,12 +246,7 @@ async def test_health_timeout_fails_through_the_same_path(nats_proc, redis_proc,
         await run.target.add_fault(service="logging", times=10**6, kind="unhealthy")
         await bus.publish(c.requested)
         await bus.publish(c.provisioned)
-
-        async def failed() -> list[ClusterInfraFailed]:
-            return [e for _, e in await events_for(bus, c.id) if isinstance(e, ClusterInfraFailed)]
-
-        await wait_until(failed)
-        (failure,) = await failed()
+        failure = await the_failure(bus, c.id)
         assert failure.service == "logging" and failure.retryable and "HealthTimeout" in failure.reason
         # Applied once; the retry re-applied identical content, which is a no-op.
         stats = await run.target.stats(c.id)

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,14 @@ async def publish(bus: Bus, events: list[Envelope]) -> None:
         assert await bus.publish(env), f"{env.type} {env.id} was dropped as a duplicate"
 
 
+async def project_history(bus: Bus, projector: Projector) -> list[Envelope]:
+    """Publish `history()` and wait until the projector has applied all of it; returns the events."""
+    events = history()
+    await publish(bus, events)
+    await projector.wait_for(len(events), 20)
+    return events
+
+
 def new_projector(bus: Bus, redis: Redis, settings: Settings, **kw: object) -> Projector:
     return Projector(bus, redis, settings.redis_prefix, idle_check_s=0.3, heartbeat_s=0.5, **kw)  # type: ignore[arg-type]
 
@@ -56,9 +64,7 @@ async def projector(bus: Bus, redis: Redis, settings: Settings) -> AsyncIterator
 async def test_projects_a_realistic_history_exactly_like_the_pure_core(
     bus: Bus, redis: Redis, settings: Settings, projector: Projector
 ) -> None:
-    events = history()
-    await publish(bus, events)
-    await projector.wait_for(len(events), 20)
+    events = await project_history(bus, projector)
     views = await dump_views(redis, settings.redis_prefix)
 
     # Every document is byte-for-byte what the pure core computes from the same sequence.
@@ -116,9 +122,7 @@ async def test_rebuild_equals_the_live_views_and_the_switch_is_followed(
     bus: Bus, redis: Redis, settings: Settings, projector: Projector
 ) -> None:
     prefix = settings.redis_prefix
-    events = history()
-    await publish(bus, events)
-    await projector.wait_for(len(events), 20)
+    events = await project_history(bus, projector)
     live = await dump_views(redis, prefix, "live")
 
     built = await rebuild(bus, redis, prefix, swap=False)
@@ -174,9 +178,7 @@ async def test_a_replica_behind_the_checkpoint_neither_writes_nor_moves_it_back(
     bus: Bus, redis: Redis, settings: Settings, projector: Projector
 ) -> None:
     """The race two replicas run on every batch, made deterministic: the loser's batch is already applied."""
-    events = history()
-    await publish(bus, events)
-    await projector.wait_for(len(events), 20)
+    events = await project_history(bus, projector)
     await projector.stop()
     before = await dump_views(redis, settings.redis_prefix, include_checkpoint=True)
     keys = ViewKeys(settings.redis_prefix, "live")
@@ -194,36 +196,41 @@ async def test_a_replica_behind_the_checkpoint_neither_writes_nor_moves_it_back(
     assert json.loads((await dump_views(redis, settings.redis_prefix))["cluster:ms-9"])["state"] == "PROVISIONING"
 
 
-async def test_recovers_after_a_nats_restart(
-    bus: Bus, redis: Redis, settings: Settings, nats_proc: ServerProcess, projector: Projector
-) -> None:
+async def project_across_a_restart(bus: Bus, projector: Projector, restart: Callable[[], object]) -> int:
+    """Publish `history()` in two halves with `restart()` in between; return once all of it is projected.
+
+    Returns the projector's subscription count from just before the restart.
+    """
     events = history()
     half = len(events) // 2
     await publish(bus, events[:half])
     await projector.wait_for(half, 20)
     subscriptions = projector.subscriptions
-    nats_proc.restart()
+    restart()
     await publish(bus, events[half:])  # the bus retries until the server is back
     await projector.wait_for(len(events), 30)
-    assert projector.subscriptions > subscriptions
+    return subscriptions
+
+
+async def assert_a_rebuild_equals_the_live_views(bus: Bus, redis: Redis, settings: Settings) -> None:
     live = await dump_views(redis, settings.redis_prefix)
     fresh = await rebuild(bus, redis, settings.redis_prefix, swap=False)
     assert await dump_views(redis, settings.redis_prefix, fresh.namespace) == live
+
+
+async def test_recovers_after_a_nats_restart(
+    bus: Bus, redis: Redis, settings: Settings, nats_proc: ServerProcess, projector: Projector
+) -> None:
+    subscriptions = await project_across_a_restart(bus, projector, nats_proc.restart)
+    assert projector.subscriptions > subscriptions
+    await assert_a_rebuild_equals_the_live_views(bus, redis, settings)
 
 
 async def test_recovers_after_a_redis_restart(
     bus: Bus, redis: Redis, settings: Settings, redis_proc: ServerProcess, projector: Projector
 ) -> None:
-    events = history()
-    half = len(events) // 2
-    await publish(bus, events[:half])
-    await projector.wait_for(half, 20)
-    redis_proc.restart()  # AOF keeps the views, as in a deployment
-    await publish(bus, events[half:])
-    await projector.wait_for(len(events), 30)
-    live = await dump_views(redis, settings.redis_prefix)
-    fresh = await rebuild(bus, redis, settings.redis_prefix, swap=False)
-    assert await dump_views(redis, settings.redis_prefix, fresh.namespace) == live
+    await project_across_a_restart(bus, projector, redis_proc.restart)  # AOF keeps the views, as in a deployment
+    await assert_a_rebuild_equals_the_live_views(bus, redis, settings)
 
 
 async def test_a_gap_in_delivery_resubscribes_and_deleted_messages_are_tolerated(

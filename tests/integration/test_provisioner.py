@@ -20,13 +20,15 @@ from services.cloud_provisioner import core
 from services.cloud_provisioner.app import DURABLE, SERVICE, Provisioner
 from services.cloud_provisioner.core import ProvisionerState
 from services.cloud_provisioner.providers import build_registry
+from services.cloud_provisioner.providers.base import TAG_CLUSTER, ClusterContext
+from services.cloud_provisioner.providers.sim import SimProvider
 from services.cloud_provisioner.providers.simcloud import SimCloud
 from shared.bus import Bus, IdempotentConsumer
 from shared.config import Settings
 from shared.embedded import ServerProcess, service_env, start_service
 from shared.events import Envelope, subjects
-from shared.events.factory import subject_of
-from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed
+from shared.events.factory import payload_as, subject_of
+from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed, ClusterRequested
 from shared.service import ServiceContext, open_context, redis_client
 from tests.conftest import make_settings
 from tests.helpers import (
@@ -169,15 +171,68 @@ async def test_retirement_removes_everything_and_leaves_a_byon_network_alone(set
         assert state is not None and state.target == "absent" and state.deprovisioned and state.resources == {}
 
 
-async def test_retirement_of_an_unknown_cluster_is_deprovisioned_at_once(settings: Settings, bus: Bus) -> None:
+async def test_retirement_of_an_unknown_cluster_is_swept_then_deprovisioned(settings: Settings, bus: Bus) -> None:
     req = request_envelope(PLAIN, "ghost")
     async with provisioner(settings) as svc:
         await bus.publish(retirement_envelope(req))
         await wait_for_type(bus, "ClusterDeprovisioned", [req.subject])
         await bus.publish(req)  # a late request for it: ignored
         await wait_until(lambda: drained(bus))
-        assert [e.type for e in await ours(bus, req.subject)] == ["ClusterDeprovisioned"]
-        assert await svc.sim.inventory() == {} and await svc.sim.stats() == {}
+        events = await ours(bus, req.subject)
+        assert [e.type for e in events] == ["ClusterResourceDeprovisioned"] * 5 + ["ClusterDeprovisioned"]
+        assert [e.data["step"] for e in events[:5]] == list(reversed(PROVISION_STEPS))
+        assert await svc.sim.inventory() == {} and await svc.sim.stats() == {}  # looked up, nothing found
+
+
+def crashed_request_context(req: Envelope) -> ClusterContext:
+    """What the provisioner's first handling of `req` acted with (no step recorded yet)."""
+    payload = payload_as(req, ClusterRequested)
+    return ClusterContext(cluster_id=payload.cluster_id, clusterset=payload.clusterset, location=payload.location,
+                          spec=payload.spec)  # fmt: skip
+
+
+async def test_retirement_deletes_the_network_of_a_request_that_crashed_before_its_commit(
+    settings: Settings, bus: Bus
+) -> None:
+    """The first handling of a request created the network and died before committing anything; the
+    retirement is handled before the request is redelivered: the provisioner has no record of the cluster."""
+    req = request_envelope(PLAIN, "crashed")
+    cid = req.subject
+    async with provisioner(settings) as svc:
+        # What that handling left behind: the network, made by the provider itself (same name, tags, token).
+        await SimProvider(svc.sim).ensure("network", crashed_request_context(req))
+        assert await svc.sim.inventory() == {cid: {"network": 1}}
+        await bus.publish(retirement_envelope(req))
+        await wait_for_type(bus, "ClusterDeprovisioned", [cid])
+        assert await svc.sim.inventory() == {}
+        events = await ours(bus, cid)
+        assert [e.type for e in events] == ["ClusterResourceDeprovisioned"] * 5 + ["ClusterDeprovisioned"]
+        assert [e.data["step"] for e in events[:5]] == list(reversed(PROVISION_STEPS))
+        stats = await svc.sim.stats()
+        assert stats == {"created:network": 1, "deleted:network": 1}
+
+        await bus.publish(req)  # the redelivered request: the cluster is retired, nothing is created
+        await wait_until(lambda: drained(bus))
+        assert await svc.sim.inventory() == {} and await svc.sim.stats() == stats
+        assert [e.id for e in await ours(bus, cid)] == [e.id for e in events]
+
+
+async def test_sweeping_an_unknown_byon_cluster_leaves_its_network_alone(settings: Settings, bus: Bus) -> None:
+    """Without a spec the sweep cannot know the cluster brings its own network; it looks for one by our
+    cluster-id tag, which a network we adopt never carries, so the user's network survives."""
+    req = request_envelope(BYON, "ghost")
+    cid = req.subject
+    async with provisioner(settings) as svc:
+        users = await svc.sim.create("network", "shared-vnet", tags={"Name": "shared-vnet", "team": "dataeng"})
+        await bus.publish(retirement_envelope(req))
+        await wait_for_type(bus, "ClusterDeprovisioned", [cid])
+        await bus.publish(req)  # a late request for it: ignored
+        await wait_until(lambda: drained(bus))
+        steps = [e.data["step"] for e in await ours(bus, cid) if e.type == "ClusterResourceDeprovisioned"]
+        assert "network" in steps  # it was looked for ...
+        assert [(r.id, r.status) for r in await svc.sim.resources()] == [(users.id, "ACTIVE")]  # ... and not found
+        assert TAG_CLUSTER not in users.tags
+        assert await svc.sim.stats() == {"created:network": 1}
 
 
 async def test_retirement_mid_way_converges_to_nothing(nats_proc: ServerProcess, redis_proc: ServerProcess,

@@ -15,7 +15,7 @@ from services.infra_installer.app import Installer
 from services.infra_installer.core import EmitReady, Fail, Install, InstallerState
 from services.infra_installer.targets.base import ClusterRef, HealthTimeout, KubernetesTarget
 from shared.catalog import CATALOG, install_order
-from shared.events import Envelope, decode_payload, new_event, validate_clusterset
+from shared.events import Envelope, decode_payload, new_event
 from shared.events.clusterset import ClusterSpec, InfraServiceRef
 from shared.events.models import (
     ClusterDrainRequested,
@@ -23,30 +23,16 @@ from shared.events.models import (
     ClusterProvisioned,
     ClusterReady,
     ClusterRequested,
-    ClusterRetirementRequested,
     Event,
     InfraServiceInstalled,
-    NetworkInfo,
 )
-from tests.conftest import example_documents
-
-EXAMPLES = example_documents()
+from tests.helpers import EXAMPLES, cluster_provisioned, cluster_requested, retirement_requested
 
 
-def cluster_events(name: str, spec: ClusterSpec | None = None, generation: int = 1,
-                   cluster_id: str | None = None) -> tuple[ClusterRequested, ClusterProvisioned]:  # fmt: skip
-    clusterset, errors = validate_clusterset(EXAMPLES[name])
-    assert clusterset is not None, errors
-    spec = spec or clusterset.spec.cluster_spec()
-    cid = cluster_id or f"{name}-0001"
-    common: dict[str, Any] = dict(location=clusterset.metadata.location, cluster_id=cid, clusterset=name)
-    requested = ClusterRequested(**common, serial=0, cluster_type=clusterset.metadata.cluster_type,
-                                 generation=generation,
-                                 config_hash=spec.config_hash(), spec=spec)  # fmt: skip
-    provisioned = ClusterProvisioned(**common, endpoint=f"https://{cid}.example", ca_fingerprint="ab:cd",
-                                     network=NetworkInfo(network_id="net-1", subnet_ids=["s-1"]),
-                                     resources={}, credential_ref=f"sim://{cid}")  # fmt: skip
-    return requested, provisioned
+def cluster_events(name: str, spec: ClusterSpec | None = None, generation: int = 1
+                   ) -> tuple[ClusterRequested, ClusterProvisioned]:  # fmt: skip
+    requested = cluster_requested(name, spec=spec, generation=generation)
+    return requested, cluster_provisioned(requested)
 
 
 def drive(inputs: Sequence[Event], state: InstallerState | None = None) -> tuple[InstallerState | None, list[Event]]:
@@ -138,8 +124,7 @@ def test_nothing_happens_until_spec_and_provisioning_are_both_known() -> None:
 
 def test_retirement_stops_the_chain_and_late_chain_messages_install_nothing() -> None:
     requested, provisioned = cluster_events("modelserving-prod-aws-us-east-1")
-    retire = ClusterRetirementRequested(location=requested.location, cluster_id=requested.cluster_id,
-                                        clusterset=requested.clusterset, reason="scale-down")  # fmt: skip
+    retire = retirement_requested(requested)
     state = core.replay([requested, provisioned])
     assert state is not None
     first = core.next_action(state)
@@ -207,8 +192,7 @@ def _event_pool() -> list[Event]:
     pool.append(core.installed_event(state, core.PlannedService("ingress", "0.0.1")))
     pool.append(core.ready_event(state, EmitReady(tuple(core.plan(requested.spec)[0]))))
     pool.append(core.failed_event(state, "ingress", "timeout", retryable=True))
-    pool.append(ClusterRetirementRequested(location=requested.location, cluster_id=requested.cluster_id,
-                                           clusterset=name, reason="rotation"))  # fmt: skip
+    pool.append(retirement_requested(requested, reason="rotation"))
     return pool
 
 

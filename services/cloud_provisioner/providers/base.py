@@ -8,7 +8,10 @@ implements `CloudProvider`. Both operations are *ensures*:
   (ids, endpoint, ...). Called again after a crash or by a second replica it creates nothing.
 - `delete(step, ctx, resources)` removes the step's resources, found by the ids it reported
   or, when `resources` is None (a step that may have been in flight), by the cluster tag;
-  "not found" counts as done. It returns when they are gone.
+  "not found" counts as done. It returns when they are gone. `ctx.spec` may be None (a
+  cluster retired before any request was recorded): a delete by tag must not need it, and
+  must find only what carries this cluster's id tag, which an adopted (byon) network never
+  does, so such a sweep cannot touch it.
 
 Errors: raise `CloudError` subclasses. Retryable ones (throttling, transient server errors,
 an operation still running elsewhere) are retried by the consumer runtime with backoff;
