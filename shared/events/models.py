@@ -19,8 +19,9 @@ ClusterState = Literal[
 ]  # fmt: skip
 CLUSTER_STATES: tuple[str, ...] = ClusterState.__args__  # type: ignore[attr-defined]
 
-ProvisionStep = Literal["network", "cluster", "node_pools", "iam", "log_stream"]
-PROVISION_STEPS: tuple[ProvisionStep, ...] = ("network", "cluster", "node_pools", "iam", "log_stream")
+# IAM comes before the cluster: EKS needs its cluster role, AKS its identity, GKE nodes their service account.
+ProvisionStep = Literal["network", "iam", "cluster", "node_pools", "log_stream"]
+PROVISION_STEPS: tuple[ProvisionStep, ...] = ("network", "iam", "cluster", "node_pools", "log_stream")
 
 
 class Event(BaseModel):

@@ -275,7 +275,7 @@ async def test_terminal_fault_fails_the_cluster_and_retirement_still_cleans_up(s
         assert (failed.operation, failed.step, failed.code, failed.retryable) == ("provision", "cluster",
                                                                                 "QuotaExceeded", False)  # fmt: skip
         await wait_until(lambda: drained(bus))
-        assert await svc.sim.inventory() == {cid: {"network": 1}}
+        assert await svc.sim.inventory() == {cid: {"network": 1, "iam_role": 1}}
         assert (await svc.sim.stats())["faulted:create:cluster"] == 1  # not retried
         await bus.publish(retirement_envelope(req))
         await wait_for_type(bus, "ClusterDeprovisioned", [cid])

@@ -127,7 +127,7 @@ def test_retire_mid_way_deletes_the_step_that_may_be_in_flight() -> None:
     first = env(req)
     state = core.evolve(None, first)
     step: ProvisionStep
-    for step in ("network", "cluster"):  # two steps done, node_pools was next
+    for step in ("network", "iam", "cluster"):  # three steps done, node_pools was next
         assert state is not None
         state = core.evolve(state, env(core.resource_provisioned(state, step, fake_resources(step, cid)), first, step))
     assert core.next_action(state) == Ensure("node_pools")
@@ -135,14 +135,15 @@ def test_retire_mid_way_deletes_the_step_that_may_be_in_flight() -> None:
     assert actions == [
         Delete("node_pools", None),  # unknown result: the provider looks it up by tag
         Delete("cluster", fake_resources("cluster", cid)),
+        Delete("iam", fake_resources("iam", cid)),
         Delete("network", fake_resources("network", cid)),
         EmitDeprovisioned(),
     ]
     # The in-flight step reports late: it is recorded and deleted after.
     assert state is not None
-    late = env(core.resource_provisioned(state, "iam", {"id": "late"}), discriminator="late")
+    late = env(core.resource_provisioned(state, "log_stream", {"id": "late"}), discriminator="late")
     state2, actions2, _ = drive(state, [late])
-    assert actions2 == [Delete("iam", {"id": "late"})]
+    assert actions2 == [Delete("log_stream", {"id": "late"})]
     assert state2 is not None and core.remaining_steps(state2) == []
 
 
@@ -165,7 +166,7 @@ def test_byon_adopts_and_never_deletes_the_network() -> None:
     prov = ClusterProvisioned.model_validate(emitted[-1].data)
     assert prov.network.owned is False and prov.network.subnet_ids == ["snet-a", "snet-b"]
     state, actions, _ = drive(state, [env(retirement_requested(req))])
-    assert [a.step for a in actions if isinstance(a, Delete)] == ["log_stream", "iam", "node_pools", "cluster"]
+    assert [a.step for a in actions if isinstance(a, Delete)] == ["log_stream", "node_pools", "cluster", "iam"]
     assert actions[-1] == EmitDeprovisioned()
 
 
@@ -202,7 +203,7 @@ def test_unknown_cluster_sweep_records_a_late_result_and_never_deletes_an_adopte
     state = core.evolve(state, env(core.resource_provisioned(state, "iam", {"id": "late"}), discriminator="i"))
     assert state is not None and "network" not in core.remaining_steps(state)
     _, actions, _ = drive(state, [env(core.resource_deprovisioned(state, "log_stream"), discriminator="l")])
-    assert actions == [Delete("iam", {"id": "late"}), Delete("node_pools", None), Delete("cluster", None),
+    assert actions == [Delete("node_pools", None), Delete("cluster", None), Delete("iam", {"id": "late"}),
                        EmitDeprovisioned()]  # fmt: skip
 
 
@@ -210,7 +211,7 @@ def test_terminal_failure_stops_then_retirement_cleans_up_and_rerequest_retries(
     req = cluster_requested(PLAIN)
     original = env(req)
     state, actions, emitted = drive(None, [original], fail={"node_pools": "QuotaExceeded"})
-    assert actions == [Ensure("network"), Ensure("cluster"), Ensure("node_pools")]
+    assert actions == [Ensure("network"), Ensure("iam"), Ensure("cluster"), Ensure("node_pools")]
     failed = ClusterProvisioningFailed.model_validate(emitted[-1].data)
     assert (failed.operation, failed.step, failed.code, failed.retryable) == ("provision", "node_pools",
                                                                             "QuotaExceeded", False)  # fmt: skip
@@ -219,10 +220,10 @@ def test_terminal_failure_stops_then_retirement_cleans_up_and_rerequest_retries(
     assert drive(state, [original])[1] == []
     # ... the same cluster asked for again, after the failure, does: the failed step is retried.
     retried, actions2, _ = drive(state, [env(req)])
-    assert actions2 == [Ensure("node_pools"), Ensure("iam"), Ensure("log_stream"), EmitProvisioned()]
+    assert actions2 == [Ensure("node_pools"), Ensure("log_stream"), EmitProvisioned()]
     # Or retired: what exists is removed, including the step that failed half-way.
     gone, actions3, _ = drive(state, [env(retirement_requested(req))])
-    assert [a.step for a in actions3 if isinstance(a, Delete)] == ["node_pools", "cluster", "network"]
+    assert [a.step for a in actions3 if isinstance(a, Delete)] == ["node_pools", "cluster", "iam", "network"]
     assert gone is not None and gone.failure is None and gone.deprovisioned
 
 
