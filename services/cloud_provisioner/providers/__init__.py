@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
@@ -20,9 +21,14 @@ from services.cloud_provisioner.providers.sim import SimProvider
 from services.cloud_provisioner.providers.simcloud import SimCloud
 from shared.config import Settings
 
-# Which driver serves which cloud. Everything is simulated in this issue; the aws (boto3),
-# azure (azure-mgmt-*) and gcp (google-cloud-container) drivers plug in here next.
-DRIVERS: dict[str, str] = {"aws": "sim", "azure": "sim", "gcp": "sim"}
+# The real driver of each cloud, imported only when a deployment selects it (settings.cloud_drivers),
+# so a sim-only deployment needs none of the cloud SDKs at start-up. Each module has
+# `build(settings) -> CloudProvider`.
+REAL_DRIVERS: dict[str, str] = {
+    "aws": "services.cloud_provisioner.providers.aws",
+    "azure": "services.cloud_provisioner.providers.azure",
+    "gcp": "services.cloud_provisioner.providers.gcp",
+}
 
 
 class ProviderRegistry:
@@ -44,16 +50,17 @@ class ProviderRegistry:
 def build_registry(settings: Settings, redis: Redis) -> ProviderRegistry:
     drivers: dict[str, CloudProvider] = {}
     sim: SimProvider | None = None
-    for cloud, driver in DRIVERS.items():
-        if driver != "sim":
-            raise ValueError(f"driver {driver!r} for {cloud} is not available yet")
-        sim = sim or SimProvider.from_settings(SimCloud.from_settings(redis, settings), settings)
-        drivers[cloud] = sim
+    for cloud, driver in settings.cloud_drivers.items():
+        if driver == "real":
+            drivers[cloud] = importlib.import_module(REAL_DRIVERS[cloud]).build(settings)
+        else:
+            sim = sim or SimProvider.from_settings(SimCloud.from_settings(redis, settings), settings)
+            drivers[cloud] = sim
     return ProviderRegistry(drivers)
 
 
 __all__ = [
-    "DRIVERS", "CloudError", "CloudProvider", "ClusterContext", "ProviderRegistry", "ResourceNotFoundError",
+    "REAL_DRIVERS", "CloudError", "CloudProvider", "ClusterContext", "ProviderRegistry", "ResourceNotFoundError",
     "SimCloud", "SimProvider", "TerminalCloudError", "ThrottlingError", "TransientCloudError", "build_registry",
     "cloud_error",
 ]  # fmt: skip
