@@ -168,6 +168,33 @@ def delete(
         raise typer.Exit(1)
 
 
+@app.command()
+def protect(
+    ctx: typer.Context,
+    cluster_ids: list[str] = typer.Argument(..., help="cluster id(s), e.g. modelserving-prod-aws-us-east-1-7f3a"),
+    off: bool = typer.Option(False, "--off", help="remove the mark instead of setting it"),
+    clusterset: str | None = typer.Option(None, "--clusterset", help="the set (default: the id without its suffix)"),
+    wait: float = typer.Option(DEFAULT_DELETE_TIMEOUT_S, "--wait", min=0.1, help="seconds to wait for the answer"),
+) -> None:
+    """Protect clusters from deprovisioning (scale-down and delete are refused while marked)."""
+
+    async def go(client: FlotillaClient) -> bool:
+        ok = True
+        for cid in cluster_ids:
+            result = await client.protect(cid, protected=not off, clusterset=clusterset, wait_s=wait)
+            if result.accepted:
+                out.print(f"cluster/{escape(cid)} {'unprotected' if off else 'protected'}")
+            else:
+                ok = False
+                err.print(f"[red]cluster/{escape(cid)}: refused[/]")
+                for e in result.errors:
+                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+        return ok
+
+    if not _run(go, _endpoints(ctx)):
+        raise typer.Exit(1)
+
+
 # ----------------------------------------------------------------------------- get
 def _state(value: str | None) -> str | None:
     if value is None:

@@ -30,6 +30,8 @@ from shared.config import Settings
 from shared.events import Envelope, FieldError, new_event, subjects
 from shared.events.factory import payload_as
 from shared.events.models import (
+    ClusterProtectionChanged,
+    ClusterProtectionUpdated,
     ClusterReady,
     ClusterSetAccepted,
     ClusterSetApplied,
@@ -312,6 +314,21 @@ class FlotillaClient:
                                 generation=retired.generation, event_id=env.id)  # fmt: skip
         rejected = payload_as(answer, ClusterSetRejected)
         return DeleteResult(name=name, retired=False, errors=list(rejected.errors), event_id=env.id)
+
+    async def protect(self, cluster_id: str, protected: bool = True, clusterset: str | None = None,
+                      wait_s: float = DEFAULT_DELETE_TIMEOUT_S) -> ApplyResult:  # fmt: skip
+        """Mark one cluster protected (never retired) or remove the mark. The set defaults to the id's prefix."""
+        name = clusterset or cluster_id.rsplit("-", 1)[0]
+        env = new_event(ClusterProtectionChanged(clusterset=name, cluster_id=cluster_id, protected=protected),
+                        source=SOURCE)  # fmt: skip
+        answer = await self._request(env, [ClusterProtectionUpdated.type_name(), ClusterSetRejected.type_name()],
+                                     wait_s)  # fmt: skip
+        if answer is None:
+            raise FlotillaTimeout(f"no answer from the planner about {cluster_id} within {wait_s}s")
+        if answer.type == ClusterProtectionUpdated.type_name():
+            return ApplyResult(accepted=True, name=name, event_id=env.id)
+        return ApplyResult(accepted=False, name=name, errors=list(payload_as(answer, ClusterSetRejected).errors),
+                           event_id=env.id)  # fmt: skip
 
     async def watch_ready_events(
         self, cloud: str | None = None, region: str | None = None, cluster_type: str | None = None,

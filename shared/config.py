@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     )
     # Real drivers use each SDK's standard credential chain; these only pick the account and,
     # for tests or private endpoints, the API address.
+    # Cloud calls that keep failing retryably (throttling, 5xx) are retried for hours, each cluster on
+    # its own: with the default backoff (capped at 60 s) 400 deliveries are about 6.5 hours.
+    cloud_max_deliver: int = Field(default=400, ge=1, le=100_000)
     aws_endpoint_url: str | None = None
     azure_subscription_id: str | None = None
     azure_base_url: str | None = None

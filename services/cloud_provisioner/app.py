@@ -7,7 +7,7 @@ evolve it into the state and return both. The emitted event comes back through t
 and drives the next step.
 
 Errors: a retryable `CloudError` (or anything unexpected) is raised, so the runtime naks
-with backoff, up to MAX_DELIVER deliveries; then `on_exhausted` records
+with backoff, up to settings.cloud_max_deliver deliveries (hours, not seconds); then `on_exhausted` records
 ClusterProvisioningFailed(retryable=True). A terminal `CloudError` becomes
 ClusterProvisioningFailed(retryable=False) at once and the chain stops there; a later
 retirement still removes whatever exists, and a new request retries.
@@ -183,7 +183,7 @@ def parse_reason(reason: str) -> tuple[str, str]:
 
 def subscriptions(ctx: ServiceContext) -> list[Subscription[State]]:
     provisioner = Provisioner(build_registry(ctx.settings, ctx.redis))
-    return [provisioner.subscription()]
+    return [provisioner.subscription(max_deliver=ctx.settings.cloud_max_deliver)]
 
 
 SPEC = ServiceSpec(name=SERVICE, subscriptions=subscriptions)

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from shared.events import (
     ClusterDeprovisioned,
     ClusterInfraFailed,
+    ClusterProtectionChanged,
+    ClusterProtectionUpdated,
     ClusterProvisioned,
     ClusterProvisioningFailed,
     ClusterReady,
@@ -48,6 +50,7 @@ class Member(BaseModel):
     generation: int
     state: str = "REQUESTED"
     retiring: bool = False
+    protected: bool = False
 
 
 class PlannerState(BaseModel):
@@ -62,6 +65,7 @@ class PlannerState(BaseModel):
     count: int = 0
     config_hash: str | None = None
     deleted: bool = False
+    protected: bool = False
     next_serial: int = 0
     members: dict[str, Member] = {}
 
@@ -89,9 +93,9 @@ def document_hash(cs: ClusterSet) -> str:
 
 
 def retirement_order(state: PlannerState) -> list[Member]:
-    """Alive members, lowest risk first: failed/not-ready before READY, outdated first, newest first."""
+    """Alive unprotected members, lowest risk first: failed/not-ready before READY, outdated first, newest first."""
     return sorted(
-        state.alive(),
+        (m for m in state.alive() if not m.protected),
         key=lambda m: (_RETIRE_RANK.get(m.state, 0), m.config_hash == state.config_hash, -m.serial),
     )
 
@@ -108,7 +112,7 @@ def evolve(state: PlannerState | None, env: Envelope) -> PlannerState | None:
             generation=max(base.generation, payload.generation), document_hash=payload.document_hash,
             location=payload.location, cluster_type=payload.cluster_type, spec=payload.spec,
             update_strategy=payload.update_strategy, count=payload.count, config_hash=payload.config_hash,
-            deleted=False,
+            deleted=False, protected=payload.protected,
         ))  # fmt: skip
     if state is None:
         return None
@@ -125,6 +129,8 @@ def evolve(state: PlannerState | None, env: Envelope) -> PlannerState | None:
         })  # fmt: skip
     if isinstance(payload, ClusterRetirementRequested):
         return _update_member(state, payload.cluster_id, retiring=True)
+    if isinstance(payload, ClusterProtectionUpdated):
+        return _update_member(state, payload.cluster_id, protected=payload.protected)
     if isinstance(payload, ClusterDeprovisioned):
         if payload.cluster_id not in state.members:
             return state
@@ -161,6 +167,8 @@ def decide(state: PlannerState | None, env: Envelope) -> list[Envelope]:
         return _decide_apply(state, env)
     if env.type == ClusterSetDeleted.type_name():
         return _decide_delete(state, env)
+    if env.type == ClusterProtectionChanged.type_name():
+        return _decide_protection(state, env)
     return []  # lifecycle facts only update membership
 
 
@@ -179,10 +187,32 @@ def _decide_apply(state: PlannerState | None, env: Envelope) -> list[Envelope]:
         clusterset=cs.metadata.name, location=cs.metadata.location, generation=generation,
         cluster_type=cs.metadata.cluster_type, count=cs.spec.count, config_hash=spec.config_hash(),
         spec=spec, update_strategy=cs.spec.update_strategy, document_hash=doc_hash,
+        protected=cs.metadata.protected,
     ), source=SOURCE, cause=env)  # fmt: skip
     after = evolve(state, accepted)
     assert after is not None
+    refusal = _protection_refusal(after)
+    if refusal:
+        return [_rejected(env, document, [refusal])]
     return [accepted, *reconcile(after, env)]
+
+
+def _protection_refusal(after: PlannerState) -> FieldError | None:
+    """A scale-down that would have to retire a protected cluster is refused, not partly applied."""
+    excess = len(after.alive()) - after.count
+    if excess <= 0:
+        return None
+    if after.protected:
+        return FieldError(field="spec.count", message=(
+            f"would retire {excess} cluster(s) of a protected ClusterSet; apply it with "
+            "metadata.protected: false first"))  # fmt: skip
+    retirable = len(retirement_order(after))
+    if retirable < excess:
+        protected = sorted(m.cluster_id for m in after.alive() if m.protected)
+        return FieldError(field="spec.count", message=(
+            f"would retire {excess} cluster(s) but only {retirable} are not protected (protected: "
+            f"{', '.join(protected)})"))  # fmt: skip
+    return None
 
 
 def _immutable_field_errors(state: PlannerState, cs: ClusterSet) -> list[FieldError]:
@@ -212,11 +242,40 @@ def _decide_delete(state: PlannerState | None, env: Envelope) -> list[Envelope]:
     if state is None or state.deleted or state.location is None:
         return []
     alive = sorted(state.alive(), key=lambda m: m.serial)
+    refusal: FieldError | None = None
+    if state.protected:
+        refusal = FieldError(field="metadata.protected", message=(
+            "the ClusterSet is protected; apply it with metadata.protected: false before deleting it"))  # fmt: skip
+    elif any(m.protected for m in alive):
+        refusal = FieldError(field="clusters", message="protected clusters would be deleted: "
+                             + ", ".join(m.cluster_id for m in alive if m.protected))  # fmt: skip
+    if refusal:
+        return [_set_rejected(state, env, [refusal])]
     retired = new_event(ClusterSetRetired(
         clusterset=state.name, location=state.location, generation=state.generation,
         clusters=[m.cluster_id for m in alive],
     ), source=SOURCE, cause=env)  # fmt: skip
     return [retired, *(_retire(state, m, env, "clusterset-deleted") for m in alive)]
+
+
+def _decide_protection(state: PlannerState | None, env: Envelope) -> list[Envelope]:
+    payload = _payload(env)
+    assert isinstance(payload, ClusterProtectionChanged)
+    member = state.members.get(payload.cluster_id) if state else None
+    if state is None or state.location is None or member is None or member.retiring:
+        error = FieldError(field="clusterId", message=f"{payload.cluster_id} is not a live cluster of "
+                           f"ClusterSet {payload.clusterset}")  # fmt: skip
+        return [new_event(ClusterSetRejected(clusterset=payload.clusterset, errors=[error]), source=SOURCE, cause=env)]
+    # Answered even when nothing changes, so whoever asked gets a confirmation.
+    return [new_event(ClusterProtectionUpdated(
+        cluster_id=member.cluster_id, clusterset=state.name, location=state.location, protected=payload.protected,
+    ), source=SOURCE, cause=env)]  # fmt: skip
+
+
+def _set_rejected(state: PlannerState, env: Envelope, errors: list[FieldError]) -> Envelope:
+    assert state.location
+    return new_event(ClusterSetRejected(clusterset=state.name, cloud=state.location.cloud,
+                                        region=state.location.region, errors=errors), source=SOURCE, cause=env)
 
 
 def reconcile(state: PlannerState, cause: Envelope) -> list[Envelope]:

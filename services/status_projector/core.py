@@ -368,6 +368,11 @@ def _service_installed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     _progress(doc, "INSTALLING", time)
 
 
+def _protection_updated(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterProtectionUpdated)
+    doc["protected"] = p.protected
+
+
 def _ready(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     assert isinstance(p, m.ClusterReady)
     if _frozen(doc):
@@ -523,6 +528,7 @@ def new_clusterset(name: str, time: str) -> Doc:
         "lastRejection": None,
         "rollout": None,
         "retiredClusters": [],
+        "protected": False,
         "createdAt": time,
         "acceptedAt": None,
         "retiredAt": None,
@@ -561,6 +567,7 @@ def _set_accepted(doc: Doc, p: Any, env: Envelope, time: str) -> None:
         clusterType=p.cluster_type,
         location=p.location.model_dump(mode="json", by_alias=True),
         count=p.count,
+        protected=p.protected,
         spec=_spec_doc(p.spec),
         updateStrategy=p.update_strategy.model_dump(mode="json", by_alias=True),
         acceptedAt=time,
@@ -632,6 +639,7 @@ _HANDLERS: dict[str, _Handler] = {
     "ClusterProvisioned": _cluster_handler(_provisioned),
     "InfraServiceInstalled": _cluster_handler(_service_installed),
     "ClusterReady": _cluster_handler(_ready),
+    "ClusterProtectionUpdated": _cluster_handler(_protection_updated),
     "ClusterUpdateRequested": _cluster_handler(_update_requested),
     "ClusterDrainRequested": _cluster_handler(_drain_requested),
     "ClusterDrained": _cluster_handler(_drained),

@@ -23,7 +23,7 @@ def is_outdated(cluster: Doc, set_config_hash: str | None) -> bool:
 
 
 def cluster_view(cluster: Doc, set_config_hash: str | None) -> Doc:
-    return {**cluster, "outdated": is_outdated(cluster, set_config_hash)}
+    return {**cluster, "protected": bool(cluster.get("protected")), "outdated": is_outdated(cluster, set_config_hash)}
 
 
 def member_status(cluster: Doc, set_config_hash: str | None) -> Doc:
@@ -45,6 +45,7 @@ def member_status(cluster: Doc, set_config_hash: str | None) -> Doc:
         },
         "status": {
             "state": cluster.get("state"),
+            "protected": bool(cluster.get("protected")),
             "outdated": is_outdated(cluster, set_config_hash),
             "endpoint": cluster.get("endpoint"),
             "network": cluster.get("network"),

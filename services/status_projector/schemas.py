@@ -104,6 +104,7 @@ class Cluster(_Out):
     location: Location
     clusterType: str | None
     state: ClusterStateName
+    protected: bool = Field(description="deletion protection: never retired while set")
     outdated: bool = Field(description="built from another configHash than its set's current one")
     generation: int | None
     configHash: str | None
@@ -152,6 +153,7 @@ class MemberSpec(_Out):
 
 class MemberStatus(_Out):
     state: ClusterStateName
+    protected: bool
     outdated: bool
     endpoint: str | None
     network: Network | None
@@ -218,6 +220,7 @@ class ClusterSet(_Out):
     clusterType: str | None
     location: Location | None
     count: int | None
+    protected: bool = Field(default=False, description="deletion protection: scale-down and delete are refused")
     spec: dict[str, Any] | None
     updateStrategy: dict[str, Any] | None
     lastRejection: Rejection | None

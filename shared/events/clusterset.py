@@ -53,6 +53,8 @@ class Metadata(_Model):
     location: Location
     cluster_type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9-]{0,62}$")]
     labels: dict[Label, Label] = Field(default_factory=dict)
+    # Deletion protection: while true, no cluster of the set is retired (scale-down or delete is refused).
+    protected: bool = False
 
 
 class Taint(_Model):

@@ -69,6 +69,21 @@ class ClusterSetDeleted(Event):
         return subjects.clusterset_deleted(self.name)
 
 
+class ClusterProtectionChanged(Event):
+    """A user marks one cluster protected (never deprovisioned) or removes the mark."""
+
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    clusterset: str = Field(min_length=1, max_length=63)
+    cluster_id: str = Field(min_length=1, max_length=128)
+    protected: bool
+
+    def aggregate(self) -> str:
+        return self.clusterset
+
+    def subject(self) -> str:
+        return subjects.clusterset_protection(self.clusterset)
+
+
 # ---------------------------------------------------------------- fleet facts (FLEET)
 class FleetEvent(Event):
     location: Location
@@ -94,6 +109,7 @@ class ClusterEvent(FleetEvent):
 
 class ClusterSetAccepted(ClusterSetEvent):
     generation: int
+    protected: bool = False
     document_hash: str = Field(description="hash of the whole accepted document; equal on a no-op re-apply")
     cluster_type: str
     count: int
@@ -122,6 +138,12 @@ class ClusterSetRetired(ClusterSetEvent):
 
     generation: int
     clusters: list[str]
+
+
+class ClusterProtectionUpdated(ClusterEvent):
+    """The planner recorded a cluster's protection mark."""
+
+    protected: bool
 
 
 class ClusterRequested(ClusterEvent):

@@ -44,6 +44,10 @@ def clusterset_deleted(name: str | None) -> str:
     return f"clusterset.deleted.{token(name)}"
 
 
+def clusterset_protection(name: str | None) -> str:
+    return f"clusterset.protection.{token(name)}"
+
+
 def fleet(event_type: str, cloud: str | None, region: str | None, aggregate: str | None) -> str:
     return f"fleet.{snake(event_type)}.{token(cloud)}.{token(region)}.{token(aggregate)}"
 

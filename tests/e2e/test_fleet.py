@@ -236,3 +236,38 @@ async def test_bad_input_is_rejected_and_the_services_keep_working(fleet: Fleet)
             assert r.status_code == 404
             r = await http.get("/v1/clustersets/nope")
             assert r.status_code == 404
+
+
+async def test_deletion_protection_refuses_retirement_until_the_mark_is_removed(fleet: Fleet):
+    name = "core-prod-aws-eu-west-1"
+    doc = copy.deepcopy(EXAMPLES[name])
+    doc["metadata"]["protected"] = True
+    async with fleet.client() as client:
+        await fleet.wait_for(client.ready, what="status API ready")
+        assert (await client.apply(doc)).accepted
+        await fleet.wait_states(client, {"READY": 2}, clusterset=name)
+        refused = await client.delete(name)
+        assert not refused.retired and refused.errors[0].field == "metadata.protected"
+        smaller = copy.deepcopy(doc)
+        smaller["spec"]["count"] = 1
+        assert not (await client.apply(smaller)).accepted
+        # Unprotect the set but protect one cluster: scale-down keeps that one.
+        doc["metadata"]["protected"] = False
+        assert (await client.apply(doc)).accepted
+        keep = sorted(expected_ids(name, 2))[0]
+        assert (await client.protect(keep)).accepted
+
+        async def shown_protected() -> bool:
+            view = await client.cluster(keep)
+            return bool(view and view["protected"] is True)
+
+        await fleet.wait_for(shown_protected, what="protection visible in the API")
+        smaller["metadata"]["protected"] = False
+        assert (await client.apply(smaller)).accepted
+        final = await fleet.wait_states(client, {"READY": 1, "DELETED": 1}, clusterset=name)
+        assert final[keep] == "READY"
+        assert not (await client.delete(name)).retired
+        assert (await client.protect(keep, protected=False)).accepted
+        assert (await client.delete(name)).retired
+        await fleet.wait_states(client, {"DELETED": 2}, clusterset=name)
+        assert await fleet.sim_inventory() == {}

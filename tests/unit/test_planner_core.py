@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from services.planner.core import PlannerState, cluster_id_for, evolve, handle, retirement_order
 from shared.events import (
     ClusterDeprovisioned,
+    ClusterProtectionChanged,
     ClusterProvisioningFailed,
     ClusterReady,
     ClusterSetApplied,
@@ -212,3 +213,56 @@ def test_replaying_the_full_history_rebuilds_the_same_state(count_list, delete_a
     for e in stream:
         replayed = evolve(replayed, e)
     assert replayed == live
+
+
+# ---------------------------------------------------------------- deletion protection
+def protected(doc: dict, on: bool = True) -> dict:
+    d = copy.deepcopy(doc)
+    d["metadata"]["protected"] = on
+    return d
+
+
+def protect(state: PlannerState, cluster_id: str, on: bool = True) -> Envelope:
+    return new_event(ClusterProtectionChanged(clusterset=state.name, cluster_id=cluster_id, protected=on), source="t")
+
+
+def test_a_protected_set_refuses_scale_down_and_delete_until_the_mark_is_removed():
+    state, _ = run([applied(protected(MODELSERVING))])
+    assert state and state.protected
+    state, events = run([applied(protected(with_count(2)))], state)
+    assert types(events) == ["ClusterSetRejected"]
+    error = events[0].data["errors"][0]
+    assert error["field"] == "spec.count" and "protected" in error["message"]
+    assert state and state.count == 5 and len(state.alive()) == 5  # nothing half-done
+    state, events = run([new_event(ClusterSetDeleted(name=state.name), source="t")], state)
+    assert types(events) == ["ClusterSetRejected"] and events[0].data["errors"][0]["field"] == "metadata.protected"
+    assert state and not state.deleted
+    # Scaling up stays allowed; removing the mark allows the delete.
+    state, events = run([applied(protected(with_count(6)))], state)
+    assert types(events) == ["ClusterSetAccepted", "ClusterRequested"]
+    state, _ = run([applied(protected(with_count(6), on=False))], state)
+    state, events = run([new_event(ClusterSetDeleted(name=MODELSERVING["metadata"]["name"]), source="t")], state)
+    assert types(events) == ["ClusterSetRetired"] + ["ClusterRetirementRequested"] * 6
+
+
+def test_a_protected_cluster_is_skipped_by_scale_down_and_blocks_delete():
+    state, events = run([applied(with_count(3))])
+    assert state
+    ids = [e.data["cluster_id"] for e in events if e.type == "ClusterRequested"]
+    state, events = run([protect(state, ids[2])], state)  # the newest: it would be retired first
+    assert types(events) == ["ClusterProtectionUpdated"] and state and state.members[ids[2]].protected
+    state, events = run([applied(with_count(2))], state)
+    assert [e.data["cluster_id"] for e in events if e.type == "ClusterRetirementRequested"] == [ids[1]]
+    # Only the protected one and one other remain: going to 0 would retire a protected cluster.
+    state, events = run([applied(with_count(0))], state)
+    assert types(events) == ["ClusterSetRejected"] and ids[2] in events[0].data["errors"][0]["message"]
+    state, events = run([new_event(ClusterSetDeleted(name=MODELSERVING["metadata"]["name"]), source="t")], state)
+    assert types(events) == ["ClusterSetRejected"] and events[0].data["errors"][0]["field"] == "clusters"
+    # Unprotect: delete goes through. Protecting an unknown cluster is rejected.
+    assert state
+    state, events = run([protect(state, ids[2], on=False)], state)
+    assert types(events) == ["ClusterProtectionUpdated"]
+    state, events = run([protect(state, "nope-0000")], state)  # type: ignore[arg-type]
+    assert types(events) == ["ClusterSetRejected"] and events[0].data["errors"][0]["field"] == "clusterId"
+    state, events = run([new_event(ClusterSetDeleted(name=MODELSERVING["metadata"]["name"]), source="t")], state)
+    assert types(events)[0] == "ClusterSetRetired"
