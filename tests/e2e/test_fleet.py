@@ -271,3 +271,22 @@ async def test_deletion_protection_refuses_retirement_until_the_mark_is_removed(
         assert (await client.delete(name)).retired
         await fleet.wait_states(client, {"DELETED": 2}, clusterset=name)
         assert await fleet.sim_inventory() == {}
+
+
+@pytest.mark.fleet(env_overrides={"FLOTILLA_SIM_LATENCY_S": "0.3"})
+async def test_nats_restart_in_the_middle_of_a_run_converges(fleet: Fleet):
+    """Every service's consumers recover from a NATS restart (reconnect, re-bind) and the run completes."""
+    async with fleet.client() as client:
+        await fleet.wait_for(client.ready, what="status API ready")
+        await apply_all(client)
+
+        async def underway() -> bool:
+            states = await fleet.states(client)
+            return len(states) == TOTAL and any(s in ("PROVISIONING", "PROVISIONED") for s in states.values())
+
+        await fleet.wait_for(underway, what="provisioning under way")
+    assert fleet.nats
+    fleet.nats.restart()
+    async with fleet.client() as client:
+        await fleet.wait_states(client, {"READY": TOTAL}, timeout=180)
+    assert_no_duplicates(await fleet.sim_inventory())
