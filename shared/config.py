@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # Cloud calls that keep failing retryably (throttling, 5xx) are retried for hours, each cluster on
     # its own: with the default backoff (capped at 60 s) 400 deliveries are about 6.5 hours.
     cloud_max_deliver: int = Field(default=400, ge=1, le=100_000)
+    # How often real drivers poll a cloud's long-running operations.
+    cloud_poll_s: float = Field(default=5.0, gt=0, le=300)
     aws_endpoint_url: str | None = None
     azure_subscription_id: str | None = None
     azure_base_url: str | None = None

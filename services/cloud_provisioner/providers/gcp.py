@@ -39,7 +39,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import google.auth
-from google.auth.credentials import Credentials
+from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import compute_v1, container_v1
 from google.pubsub_v1.services.publisher import PublisherClient
 
@@ -99,8 +99,14 @@ __all__ = ["GcpProvider", "build", "classify"]
 
 
 def build(settings: Settings) -> GcpProvider:
-    """The registry's entry point: google.auth's standard credential chain, project from settings or ADC."""
-    return GcpProvider(project=settings.gcp_project, api_endpoint=settings.gcp_api_endpoint)
+    """The registry's entry point: google.auth's standard credential chain, project from settings or ADC.
+
+    An `http://` API endpoint (a local emulator or test fake) gets anonymous credentials, as the Pub/Sub
+    library does for its emulator: a real token must never travel in clear text."""
+    endpoint = settings.gcp_api_endpoint
+    anonymous = AnonymousCredentials() if endpoint and endpoint.startswith("http://") else None
+    return GcpProvider(project=settings.gcp_project, api_endpoint=endpoint, credentials=anonymous,
+                       poll_s=settings.cloud_poll_s)
 
 
 class GcpProvider:
@@ -538,9 +544,14 @@ class GcpProvider:
         return pool
 
     async def _delete_node_pools(self, ctx: ClusterContext, paths: Paths) -> None:
-        cluster = await self._get_cluster(paths)
+        # GKE refuses node-pool operations while the cluster itself is being created or changed.
+        busy = (ClusterStatus.PROVISIONING, ClusterStatus.RECONCILING)
+        cluster = await self._poll(lambda: self._get_cluster(paths), lambda c: c is None or c.status not in busy,
+                                   f"cluster {paths.cluster} settled")  # fmt: skip
         if cluster is None or not labelled_ours(cluster.resource_labels, ctx.cluster_id):
             return  # gone already, or not ours
+        if cluster.status == ClusterStatus.STOPPING:
+            return  # the cluster's deletion takes its pools with it
         for pool in cluster.node_pools:  # ours (and the bootstrap pool) carry our labels in config.resourceLabels
             if labelled_ours(pool.config.resource_labels, ctx.cluster_id):
                 await self._delete_pool(paths, pool.name)
