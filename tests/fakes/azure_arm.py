@@ -160,12 +160,15 @@ class FakeArm:
         return f"https://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FakeArm:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-arm", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="fake-arm", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread is not None:  # shutdown() waits for serve_forever: only if it runs
+            self._server.shutdown()
+            self._thread = None
         self._server.server_close()
         self._tmp.cleanup()
 

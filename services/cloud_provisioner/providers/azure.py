@@ -175,7 +175,8 @@ def build(settings: Settings) -> AzureProvider:
 
     if not settings.azure_subscription_id:
         raise ValueError("the azure driver needs FLOTILLA_AZURE_SUBSCRIPTION_ID")
-    return AzureProvider(DefaultAzureCredential(), settings.azure_subscription_id, base_url=settings.azure_base_url)
+    return AzureProvider(DefaultAzureCredential(), settings.azure_subscription_id, base_url=settings.azure_base_url,
+                         poll_s=settings.cloud_poll_s)
 
 
 class AzureProvider:
@@ -326,6 +327,8 @@ class AzureProvider:
         props = identity.get("properties") or {}
         principal = str(props.get("principalId") or "")
         assignments: list[str] = []
+        if self.assign_network_role and not principal:
+            raise TransientCloudError("PrincipalNotReady", f"identity {names.identity} has no principal id yet")
         if self.assign_network_role:
             for scope in m.role_scopes(self._network_of(ctx)):
                 assignments.append(await self._ensure_role_assignment(names, scope, principal))
