@@ -320,6 +320,6 @@ def build(settings: Settings) -> AwsProvider:
     # next delivery pick the same (still creating) resource up again.
     return AwsProvider(
         endpoint_url=settings.aws_endpoint_url,
-        poll_s=5.0,
+        poll_s=settings.cloud_poll_s,
         wait_timeout_s=max(1.0, min(480.0, settings.handler_timeout_s * 0.8)),
     )

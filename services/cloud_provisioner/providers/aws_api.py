@@ -209,7 +209,7 @@ def classify(exc: BaseException) -> CloudError:
         if status >= 500 or any(word in code for word in ("Unavailable", "Internal", "Timeout", "Server")):
             return TransientCloudError("ServiceUnavailable", detail)
         if code in TRANSIENT_CODES:
-            return TransientCloudError("Conflict", f"a dependent operation is still in progress ({detail})")
+            return TransientCloudError("Conflict", f"conflicts with a resource or operation in progress ({detail})")
         return TerminalCloudError(code, detail)
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError | ConnectionClosedError):
         return TransientCloudError("EndpointUnreachable", f"cannot reach the AWS API: {exc}")

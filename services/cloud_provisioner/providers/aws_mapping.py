@@ -297,9 +297,11 @@ def cluster_request(
         "name": name,
         "version": spec.kubernetes_version,
         "roleArn": role_arn,
+        # No security group of ours with byon (we create nothing in a network we do not own): EKS still
+        # makes its own cluster security group.
         "resourcesVpcConfig": {
             "subnetIds": list(subnet_ids),
-            "securityGroupIds": list(security_group_ids),
+            **({"securityGroupIds": list(security_group_ids)} if security_group_ids else {}),
             **endpoint_access(spec),
         },
         "logging": logging_config(),

@@ -214,9 +214,14 @@ class AwsNetwork:
             return bool(found and found[0].get("State") == "available"), found[0] if found else vpc
 
         vpc = await self.waiter.until(f"VPC {vpc_id}", available)
-        # EKS needs DNS in the VPC (private endpoint resolution, node registration). Idempotent.
+        # EKS needs DNS in the VPC (private endpoint resolution, node registration). Read first: EC2's
+        # mutating calls have the tighter rate limits, and a re-run should not need any.
         for attr in ("EnableDnsSupport", "EnableDnsHostnames"):
-            await self._ec2(region, "modify_vpc_attribute", VpcId=vpc_id, **{attr: {"Value": True}})
+            current = await self._ec2(
+                region, "describe_vpc_attribute", VpcId=vpc_id, Attribute=attr[0].lower() + attr[1:]
+            )
+            if not current.get(attr, {}).get("Value"):
+                await self._ec2(region, "modify_vpc_attribute", VpcId=vpc_id, **{attr: {"Value": True}})
         return vpc
 
     async def _internet_gateway(self, region: str, cid: str, names: AwsNames, tags: dict[str, str], vpc_id: str) -> str:
