@@ -251,10 +251,6 @@ def test_public_cluster_has_no_private_profile_and_keeps_version() -> None:
     assert cluster_body(SELFMANAGED)["properties"]["kubernetesVersion"] == "1.29"
 
 
-def test_self_managed_control_planes_are_refused() -> None:
-    assert m.unsupported(spec_of(SELFMANAGED))
-    assert all(m.unsupported(spec_of(n)) is None for n in (DATAENG, MODELSERVING, SERVERLESS))
-
 
 def test_endpoint_prefers_the_private_fqdn_of_a_private_cluster() -> None:
     mc = {"properties": {"fqdn": "pub.example", "privateFQDN": "priv.example"}}

@@ -43,8 +43,8 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
     ResourceNotFoundError,
-    TerminalCloudError,
     TransientCloudError,
+    managed_spec,
 )
 from shared.config import Settings
 from shared.events import ClusterSpec
@@ -56,16 +56,7 @@ __all__ = ["AwsProvider", "build", "classify"]
 
 
 def _spec(ctx: ClusterContext) -> ClusterSpec:
-    if ctx.spec is None:
-        raise TerminalCloudError("InvalidRequest", f"cluster {ctx.cluster_id} has no spec: nothing to provision")
-    if ctx.spec.control_plane.mode == "self-managed":
-        # EKS runs its own control plane; self-managed control planes (etcd_migration) need EC2 VMs,
-        # which this driver does not build. Fail before anything is created, with a clear reason.
-        raise TerminalCloudError(
-            "UnsupportedControlPlane",
-            "controlPlane.mode self-managed is not provisioned by the AWS driver (EKS is managed); use mode managed",
-        )
-    return ctx.spec
+    return managed_spec(ctx, "EKS")
 
 
 def _policy_document(doc: Any) -> Any:

@@ -58,6 +58,7 @@ from services.cloud_provisioner.providers.base import (
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
+    managed_spec,
 )
 from shared.config import Settings
 from shared.events.models import ProvisionStep
@@ -212,11 +213,7 @@ class AzureProvider:
 
     # ------------------------------------------------------------------ the port
     async def ensure(self, step: ProvisionStep, ctx: ClusterContext) -> dict[str, Any]:
-        if ctx.spec is None:
-            raise TerminalCloudError("InvalidRequest", f"cluster {ctx.cluster_id} has no spec: nothing to provision")
-        reason = m.unsupported(ctx.spec)
-        if reason:  # before the first step creates anything
-            raise TerminalCloudError("UnsupportedControlPlane", reason)
+        managed_spec(ctx, "AKS")  # before the first step creates anything
         match step:
             case "network":
                 return await self._ensure_network(ctx)

@@ -277,14 +277,6 @@ def role_assignment_marker(cluster_id: str) -> str:
 
 
 # ---------------------------------------------------------------- bodies: cluster and pools
-def unsupported(spec: ClusterSpec) -> str | None:
-    """Why AKS cannot build this spec (None if it can). AKS control planes are managed by Azure:
-    a self-managed control plane (VMs running etcd) is not something this driver provisions."""
-    if spec.control_plane.mode != "managed":
-        return "controlPlane.mode self-managed: the azure driver provisions managed AKS control planes only"
-    return None
-
-
 def taint_string(taint: Taint) -> str:
     """AKS nodeTaints syntax: 'key=value:Effect' ('key:Effect' without a value)."""
     return f"{taint.key}={taint.value}:{taint.effect}" if taint.value else f"{taint.key}:{taint.effect}"

@@ -121,6 +121,22 @@ def cloud_error(code: str, message: str = "", retryable: bool | None = None) -> 
     return cls(code, message, retryable)
 
 
+def managed_spec(ctx: ClusterContext, service: str) -> ClusterSpec:
+    """The spec a real driver builds from, refused before anything is created when it cannot be built.
+
+    Managed Kubernetes services (EKS, AKS, GKE) run their own control plane; a self-managed one needs
+    VMs, load balancers and etcd, which is etcd_migration's ControlPlaneDriver, not these drivers."""
+    if ctx.spec is None:
+        raise TerminalCloudError("InvalidRequest", f"cluster {ctx.cluster_id} has no spec: nothing to provision")
+    if ctx.spec.control_plane.mode == "self-managed":
+        raise TerminalCloudError(
+            "UnsupportedControlPlane",
+            f"controlPlane.mode self-managed is not provisioned on {service} (a managed control plane); "
+            "use mode managed",
+        )
+    return ctx.spec
+
+
 # ---------------------------------------------------------------- the port
 @runtime_checkable
 class CloudProvider(Protocol):

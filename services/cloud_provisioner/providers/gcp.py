@@ -50,6 +50,7 @@ from services.cloud_provisioner.providers.base import (
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
+    managed_spec,
 )
 from services.cloud_provisioner.providers.gcp_errors import (
     AlreadyExistsError,
@@ -188,9 +189,7 @@ class GcpProvider:
 
     # ------------------------------------------------------------------ the port
     async def ensure(self, step: ProvisionStep, ctx: ClusterContext) -> dict[str, Any]:
-        spec = ctx.spec
-        if spec is None:
-            raise TerminalCloudError("InvalidRequest", f"cluster {ctx.cluster_id} has no spec: nothing to provision")
+        spec = managed_spec(ctx, "GKE")
         if step == "network" and "byon" in spec.features and spec.network is not None:
             net = spec.network  # bring your own network: adopted, never created, tagged or deleted
             return {"network_id": net.network_id or net.vpc_id or net.vnet_id or "",
