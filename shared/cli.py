@@ -26,7 +26,7 @@ from shared.client import (
     load_clustersets,
 )
 from shared.config import get_settings
-from shared.events import Envelope
+from shared.events import Envelope, FieldError
 from shared.events.models import CLUSTER_STATES, ClusterReady
 
 T = TypeVar("T")
@@ -131,12 +131,17 @@ def apply(
             else:
                 ok = False
                 err.print(f"[red]{escape(label)} rejected[/] ({escape(doc.source)}):")
-                for e in result.errors:
-                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+                _print_errors(result.errors)
         return ok
 
     if not _run(go, _endpoints(ctx)):
         raise typer.Exit(1)
+
+
+def _print_errors(errors: list[FieldError]) -> None:
+    """Every bad field on its own line, as the planner named it."""
+    for e in errors:
+        err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
 
 
 @app.command()
@@ -160,8 +165,7 @@ def delete(
             else:
                 ok = False
                 err.print(f"[red]clusterset/{escape(name)}: delete refused[/]")
-                for e in result.errors:
-                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+                _print_errors(result.errors)
         return ok
 
     if not _run(go, _endpoints(ctx)):
@@ -187,8 +191,7 @@ def protect(
             else:
                 ok = False
                 err.print(f"[red]cluster/{escape(cid)}: refused[/]")
-                for e in result.errors:
-                    err.print(f"  [bold]{escape(e.field)}[/]: {escape(e.message)}")
+                _print_errors(result.errors)
         return ok
 
     if not _run(go, _endpoints(ctx)):

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import boto3
@@ -312,22 +312,3 @@ class Waiter:
             await asyncio.sleep(self.poll_s)
 
 
-async def gather(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run concurrently; on failure cancel the rest and raise the most telling error (a terminal
-    CloudError before a retryable one) instead of an ExceptionGroup."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in calls]
-    except BaseExceptionGroup as group:
-        errors = list(_leaves(group))
-        terminal = [e for e in errors if isinstance(e, CloudError) and not e.retryable]
-        raise (terminal or errors)[0] from None
-    return [t.result() for t in tasks]
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from services.cloud_provisioner.providers.aws_api import ALREADY_EXISTS_CODES, AwsApi, Waiter, aws_code, gather
+from services.cloud_provisioner.providers.aws_api import ALREADY_EXISTS_CODES, AwsApi, Waiter, aws_code
 from services.cloud_provisioner.providers.aws_mapping import (
     AwsNames,
     ca_fingerprint,
@@ -35,6 +35,7 @@ from services.cloud_provisioner.providers.base import (
     TerminalCloudError,
     TransientCloudError,
 )
+from services.cloud_provisioner.providers.base import gather_calls as gather
 from shared.events import ClusterSpec
 from shared.events.clusterset import NodePool
 

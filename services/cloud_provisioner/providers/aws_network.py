@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.cloud_provisioner.providers.aws_api import AwsApi, Waiter, aws_code, gather
+from services.cloud_provisioner.providers.aws_api import AwsApi, Waiter, aws_code
 from services.cloud_provisioner.providers.aws_mapping import (
     MIN_ZONES,
     VPC_CIDR,
@@ -39,6 +39,7 @@ from services.cloud_provisioner.providers.base import (
     ResourceNotFoundError,
     TerminalCloudError,
 )
+from services.cloud_provisioner.providers.base import gather_calls as gather
 
 log = logging.getLogger("flotilla.cloud_provisioner.aws")
 

@@ -20,8 +20,10 @@ terminal ones (quota, invalid instance type, access denied) fail the cluster at 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from shared.events import ClusterSpec, Location
 from shared.events.models import ProvisionStep
@@ -135,6 +137,30 @@ def managed_spec(ctx: ClusterContext, service: str) -> ClusterSpec:
             "use mode managed",
         )
     return ctx.spec
+
+
+T = TypeVar("T")
+
+
+async def gather_calls(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run cloud calls concurrently; if any fails, cancel the rest and raise the most telling error
+    (a terminal CloudError before a retryable one) rather than an ExceptionGroup."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in calls]
+    except BaseExceptionGroup as group:
+        errors = list(_leaves(group))
+        terminal = [e for e in errors if isinstance(e, CloudError) and not e.retryable]
+        raise (terminal or errors)[0] from None
+    return [t.result() for t in tasks]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 # ---------------------------------------------------------------- the port

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -24,6 +24,7 @@ from services.cloud_provisioner.providers.base import (
     ResourceNotFoundError,
     ThrottlingError,
     TransientCloudError,
+    gather_calls,
 )
 from services.cloud_provisioner.providers.simcloud import SimCloud, SimResource
 from shared.config import Settings
@@ -127,7 +128,7 @@ class SimProvider:
                     "subnet_ids": list(net.subnet_ids), "owned": False}  # fmt: skip
         planned = plan(step, ctx)
         tags = ctx.tags(step)
-        made = await _all([self._ensure_one(p, tags, ctx.cluster_id) for p in planned])
+        made = await gather_calls([self._ensure_one(p, tags, ctx.cluster_id) for p in planned])
         return report(step, ctx, list(zip(planned, made, strict=True)))
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
@@ -140,7 +141,7 @@ class SimProvider:
         for kind in STEP_KINDS[step]:
             found = await self._api(partial(self.cloud.list, kind, {TAG_CLUSTER: ctx.cluster_id}))
             targets.update({r.id: r for r in found})
-        await _all([self._delete_one(res) for res in targets.values()])
+        await gather_calls([self._delete_one(res) for res in targets.values()])
 
     # ------------------------------------------------------------------ one resource
     async def _ensure_one(self, p: Planned, step_tags: dict[str, str], cluster_id: str) -> SimResource:
@@ -212,22 +213,3 @@ class SimProvider:
         raise AssertionError("unreachable")
 
 
-async def _all(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run concurrently; if any fails, cancel the rest and raise the most telling error
-    (a terminal CloudError before a retryable one) rather than an ExceptionGroup."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in calls]
-    except BaseExceptionGroup as group:
-        errors = list(_leaves(group))
-        terminal = [e for e in errors if isinstance(e, CloudError) and not e.retryable]
-        raise (terminal or errors)[0] from None
-    return [t.result() for t in tasks]
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
