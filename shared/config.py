@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     gcp_api_endpoint: str | None = None
     k8s_target: Literal["sim"] = "sim"
     install_health_timeout_s: float = Field(default=300.0, gt=0)
+    # The installer's periodic pass over its clusters: retry retryable failures, correct drift.
+    installer_reconcile_interval_s: float = Field(default=300.0, gt=0)
+    installer_reconcile_batch: int = Field(default=200, ge=1, le=100_000)
 
     otel_console: bool = False
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")

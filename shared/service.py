@@ -33,13 +33,17 @@ class ServiceContext:
     store: StateStore
 
 
+BackgroundJob = Callable[[ServiceContext, Sequence[IdempotentConsumer[Any]]], Coroutine[Any, Any, None]]
+
+
 @dataclass
 class ServiceSpec:
     """What a service is: its subscriptions (built from the context) and any background tasks."""
 
     name: str
     subscriptions: Callable[[ServiceContext], Sequence[Subscription[Any]]]
-    background: Sequence[Callable[[ServiceContext], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Periodic jobs; they get the running consumers so that they can hand work to them (handle_local).
+    background: Sequence[BackgroundJob] = field(default_factory=list)
 
 
 async def open_context(name: str, settings: Settings) -> ServiceContext:
@@ -55,7 +59,7 @@ async def serve(spec: ServiceSpec, settings: Settings | None = None) -> None:
     consumers = [IdempotentConsumer(ctx.bus, ctx.store, spec.name, s) for s in spec.subscriptions(ctx)]
     for consumer in consumers:
         await consumer.start()
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job(ctx)) for job in spec.background]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job(ctx, consumers)) for job in spec.background]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

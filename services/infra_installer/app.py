@@ -12,24 +12,31 @@ the last attempt `on_exhausted` records `ClusterInfraFailed(retryable=True)`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
 from services.infra_installer import core
-from services.infra_installer.core import EmitReady, Fail, Install, InstallerState
+from services.infra_installer.core import EmitReady, Fail, Install, InstallerState, Remove
 from services.infra_installer.targets.base import ClusterRef, KubernetesTarget
 from services.infra_installer.targets.sim import SimKubernetesTarget
-from shared.bus import Outcome, Subscription
+from shared.bus import IdempotentConsumer, Outcome, Subscription
 from shared.config import Settings
-from shared.events import Envelope, decode_payload, new_event, subjects
+from shared.events import Envelope, decode_payload, derive_id, new_event, subjects
 from shared.events.models import (
     ClusterProvisioned,
     ClusterRequested,
     ClusterRetirementRequested,
+    ClusterUpdateRequested,
     Event,
+    InfraReconcileRequested,
     InfraServiceInstalled,
+    InfraServiceRemoved,
 )
 from shared.service import ServiceContext, ServiceSpec
 
@@ -37,8 +44,10 @@ log = logging.getLogger("flotilla.infra_installer")
 
 SERVICE = "infra_installer"
 DURABLE = "infra_installer"
+# Our own InfraServiceInstalled / InfraServiceRemoved come back to advance the chain one step each.
 CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled,
-                                     ClusterRetirementRequested)  # fmt: skip
+                                     ClusterRetirementRequested, ClusterUpdateRequested,
+                                     InfraServiceRemoved)  # fmt: skip
 # How long one service may take to become healthy before the attempt fails (and is retried).
 # Must stay well below Settings.handler_timeout_s, which bounds the whole handler.
 DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].default
@@ -55,9 +64,12 @@ class Installer:
         self.health_timeout_s = health_timeout_s
 
     async def handle(self, env: Envelope, state: InstallerState | None) -> Outcome[InstallerState]:
-        state = core.evolve(state, decode_payload(env))
+        event = decode_payload(env)
+        state = core.evolve(state, event)
         if state is None:
             return Outcome()
+        if isinstance(event, InfraReconcileRequested) and event.reason == "drift":
+            return await self._correct_drift(env, state)
         action = core.next_action(state)
         emitted: Event | None = None
         match action:
@@ -70,6 +82,12 @@ class Installer:
                 await self.target.wait_healthy(cluster, svc.name, self.health_timeout_s)
                 emitted = core.installed_event(state, svc)
                 discriminator = svc.name
+            case Remove(name=name):
+                log.info("removing %s from %s", name, state.cluster_id,
+                         extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
+                await self.target.remove_service(cluster_ref(state), name)
+                emitted = core.removed_event(state, action)
+                discriminator = f"remove:{name}"
             case EmitReady():
                 emitted = core.ready_event(state, action)
                 discriminator = state.config_hash or ""
@@ -82,6 +100,18 @@ class Installer:
             return Outcome(state=state)
         out = new_event(emitted, source=SERVICE, cause=env, discriminator=discriminator)
         return Outcome(state=core.evolve(state, emitted), events=[out])
+
+    async def _correct_drift(self, env: Envelope, state: InstallerState) -> Outcome[InstallerState]:
+        """Re-apply what was changed on the cluster behind our back, and say what was corrected."""
+        events = []
+        for svc in core.drift_check(state):
+            corrected = await self.target.correct_drift(cluster_ref(state), svc.name, svc.version, svc.values)
+            if corrected:
+                log.warning("corrected drift of %s on %s: %s", svc.name, state.cluster_id, corrected,
+                            extra={"cluster_id": state.cluster_id})  # fmt: skip
+                events.append(new_event(core.drift_event(state, svc, corrected), source=SERVICE, cause=env,
+                                        discriminator=svc.name))  # fmt: skip
+        return Outcome(state=state, events=events)
 
     async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str) -> Outcome[InstallerState]:
         """Every attempt failed: record ClusterInfraFailed for the service that was being installed.
@@ -135,4 +165,46 @@ def build_subscriptions(
     ]
 
 
-SPEC = ServiceSpec(name=SERVICE, subscriptions=lambda ctx: build_subscriptions(ctx))
+def reconcile_reason(state: InstallerState) -> str | None:
+    """Why the periodic pass nudges this cluster: a retryable failure to retry, or a READY one to check."""
+    if state.retired:
+        return None
+    if state.failure is not None and state.failure.retryable:
+        return "retry"
+    return "drift" if state.ready else None
+
+
+async def reconcile_pass(ctx: ServiceContext, consumer: IdempotentConsumer[InstallerState], bucket: int) -> int:
+    """One pass: failures first, then READY clusters, at most `installer_reconcile_batch` of them.
+
+    Nudges are handled locally (never published) with an id per cluster and time bucket, so two
+    replicas running the same pass do each cluster's work once."""
+    due: list[tuple[int, str, InstallerState, str]] = []
+    for key in await ctx.store.keys():
+        state, _ = await ctx.store.load(key, InstallerState)
+        reason = reconcile_reason(state) if state else None
+        if state and reason:
+            # Spread drift checks over passes: a different order every bucket.
+            order = zlib.crc32(f"{key}:{bucket}".encode()) & 0xFFFF
+            due.append((0 if reason == "retry" else 1, f"{order:05d}{key}", state, reason))
+    due.sort(key=lambda d: (d[0], d[1]))
+    for _, _, state, reason in due[: ctx.settings.installer_reconcile_batch]:
+        nudge = InfraReconcileRequested(cluster_id=state.cluster_id, clusterset=state.clusterset,
+                                        location=state.location, reason=reason, bucket=bucket)  # type: ignore[arg-type]
+        env = new_event(nudge, source=SERVICE, event_id=derive_id(f"{state.cluster_id}:{bucket}", nudge.type_name(),
+                                                                  reason))  # fmt: skip
+        try:
+            await consumer.handle_local(env)
+        except Exception as exc:  # one cluster's trouble must not stop the pass
+            log.warning("reconcile of %s failed: %r", state.cluster_id, exc, extra={"cluster_id": state.cluster_id})
+    return min(len(due), ctx.settings.installer_reconcile_batch)
+
+
+async def reconcile_loop(ctx: ServiceContext, consumers: Sequence[IdempotentConsumer[Any]]) -> None:
+    interval = ctx.settings.installer_reconcile_interval_s
+    while True:
+        await asyncio.sleep(interval)
+        await reconcile_pass(ctx, consumers[0], int(time.time() // interval))
+
+
+SPEC = ServiceSpec(name=SERVICE, subscriptions=lambda ctx: build_subscriptions(ctx), background=[reconcile_loop])

@@ -26,8 +26,12 @@ from shared.events.models import (
     ClusterReady,
     ClusterRequested,
     ClusterRetirementRequested,
+    ClusterUpdateRequested,
     Event,
+    InfraDriftCorrected,
+    InfraReconcileRequested,
     InfraServiceInstalled,
+    InfraServiceRemoved,
 )
 
 
@@ -77,6 +81,14 @@ class Install:
 
 
 @dataclass(frozen=True)
+class Remove:
+    """Uninstall a service the spec no longer lists (prune its objects), then emit InfraServiceRemoved."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
 class EmitReady:
     services: tuple[PlannedService, ...]
 
@@ -90,11 +102,12 @@ class Fail:
     retryable: bool
 
 
-Action = Install | EmitReady | Fail | None
+Action = Install | Remove | EmitReady | Fail | None
 
 # Events this core understands; anything else leaves the state as it is.
 HANDLED = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled, ClusterReady, ClusterInfraFailed,
-           ClusterRetirementRequested)  # fmt: skip
+           ClusterRetirementRequested, ClusterUpdateRequested, InfraServiceRemoved, InfraReconcileRequested,
+           InfraDriftCorrected)  # fmt: skip
 
 
 # ---------------------------------------------------------------- plan
@@ -135,6 +148,19 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
                 return state  # an older or the same request: keep what we have
             return state.model_copy(update=dict(generation=event.generation, cluster_type=event.cluster_type,
                                                 config_hash=event.config_hash, spec=event.spec))  # fmt: skip
+        case ClusterUpdateRequested():
+            # In place: the new spec is installed over the old one; READY again once it all is.
+            if event.generation <= state.generation:
+                return state
+            return state.model_copy(update=dict(generation=event.generation, config_hash=event.config_hash,
+                                                spec=event.spec, ready=False, failure=None))  # fmt: skip
+        case InfraServiceRemoved():
+            return state.model_copy(update=dict(installed={k: v for k, v in state.installed.items()
+                                                           if k != event.service}))  # fmt: skip
+        case InfraReconcileRequested():
+            if event.reason == "retry" and state.failure is not None and state.failure.retryable:
+                return state.model_copy(update=dict(failure=None))
+            return state
         case ClusterProvisioned():
             return state.model_copy(update=dict(provisioned=True, endpoint=event.endpoint,
                                                 credential_ref=event.credential_ref))  # fmt: skip
@@ -170,13 +196,38 @@ def next_action(state: InstallerState | None) -> Action:
     for service in services:
         if state.installed.get(service.name) != service.version:
             return Install(service)
+    wanted = {s.name for s in services}
+    # Prune dependents before what they depend on: reverse of the install order.
+    for name in reversed(install_order([n for n in state.installed if n in CATALOG])):
+        if name not in wanted:
+            return Remove(name, state.installed[name])
+    for name in sorted(set(state.installed) - wanted - set(CATALOG)):
+        return Remove(name, state.installed[name])
     return EmitReady(tuple(services))
+
+
+def drift_check(state: InstallerState | None) -> list[PlannedService]:
+    """The services whose objects a drift check compares: only on a READY, live cluster."""
+    if state is None or state.retired or not state.ready or state.spec is None:
+        return []
+    services, _ = plan(state.spec)
+    return [s for s in services if state.installed.get(s.name) == s.version]
 
 
 # ---------------------------------------------------------------- event payloads
 def installed_event(state: InstallerState, service: PlannedService) -> InfraServiceInstalled:
     return InfraServiceInstalled(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
                                  service=service.name, version=service.version)  # fmt: skip
+
+
+def removed_event(state: InstallerState, action: Remove) -> InfraServiceRemoved:
+    return InfraServiceRemoved(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                               service=action.name, version=action.version)  # fmt: skip
+
+
+def drift_event(state: InstallerState, service: PlannedService, objects: list[str]) -> InfraDriftCorrected:
+    return InfraDriftCorrected(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                               service=service.name, version=service.version, objects=objects)  # fmt: skip
 
 
 def ready_event(state: InstallerState, action: EmitReady) -> ClusterReady:

@@ -215,6 +215,7 @@ def new_cluster(cluster_id: str, clusterset: str, location: Doc, time: str) -> D
         "rolloutId": None,
         "drain": None,
         "controlPlaneOperation": None,
+        "lastDriftCorrection": None,
         "conditions": [],
         "createdAt": time,
         "updatedAt": time,
@@ -366,6 +367,19 @@ def _service_installed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
         return
     _upsert_service(doc, p.service, p.version, "INSTALLED")
     _progress(doc, "INSTALLING", time)
+
+
+def _service_removed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.InfraServiceRemoved)
+    if _frozen(doc):
+        return
+    doc["infraServices"] = [s for s in doc["infraServices"] if s["name"] != p.service]
+
+
+def _drift_corrected(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.InfraDriftCorrected)
+    doc["lastDriftCorrection"] = {"time": time, "service": p.service, "version": p.version,
+                                  "objects": sorted(p.objects)}  # fmt: skip
 
 
 def _protection_updated(doc: Doc, p: Any, env: Envelope, time: str) -> None:
@@ -640,6 +654,8 @@ _HANDLERS: dict[str, _Handler] = {
     "InfraServiceInstalled": _cluster_handler(_service_installed),
     "ClusterReady": _cluster_handler(_ready),
     "ClusterProtectionUpdated": _cluster_handler(_protection_updated),
+    "InfraServiceRemoved": _cluster_handler(_service_removed),
+    "InfraDriftCorrected": _cluster_handler(_drift_corrected),
     "ClusterUpdateRequested": _cluster_handler(_update_requested),
     "ClusterDrainRequested": _cluster_handler(_drain_requested),
     "ClusterDrained": _cluster_handler(_drained),

@@ -105,6 +105,8 @@ class Cluster(_Out):
     clusterType: str | None
     state: ClusterStateName
     protected: bool = Field(description="deletion protection: never retired while set")
+    lastDriftCorrection: dict[str, Any] | None = Field(
+        default=None, description="the last objects re-applied after they were changed on the cluster")
     outdated: bool = Field(description="built from another configHash than its set's current one")
     generation: int | None
     configHash: str | None

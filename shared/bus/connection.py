@@ -16,7 +16,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from shared.config import Settings
-from shared.events import Envelope, subjects
+from shared.events import EVENT_TYPES, Envelope, subjects
 from shared.events.factory import stream_of, subject_of
 from shared.telemetry import inject_trace_headers
 
@@ -69,6 +69,8 @@ class Bus:
 
     async def publish(self, envelope: Envelope, extra_headers: dict[str, str] | None = None) -> bool:
         """Publish to the event's stream and check the ack. Returns False when it was a duplicate."""
+        if EVENT_TYPES[envelope.type].local_only:
+            raise PublishError(f"{envelope.type} is handled locally and never published")
         headers = {MSG_ID: envelope.id, "Flotilla-Type": envelope.type, **(extra_headers or {})}
         inject_trace_headers(headers)
         subject, stream = subject_of(envelope), stream_of(envelope)

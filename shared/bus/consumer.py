@@ -127,6 +127,16 @@ class IdempotentConsumer(Generic[S]):
     async def idle(self) -> bool:
         return not self._inflight
 
+    async def handle_local(self, env: Envelope) -> None:
+        """Handle an event that was not delivered — a service's own periodic nudge — through the same
+        path as a delivered one: per-aggregate lock, ledger, versioned state, outbox. Its id must be
+        deterministic (e.g. per time bucket) so that replicas nudging at once do the work once."""
+        key = self.sub.key(env)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            attrs = {"event.id": env.id, "event.type": env.type, "aggregate": key}
+            with consume_span(f"{self.service} handle {env.type}", None, attrs):
+                await self._handle(env, key)
+
     # ------------------------------------------------------------------ fetch loop
     async def _fetch_loop(self) -> None:
         try:

@@ -27,6 +27,8 @@ PROVISION_STEPS: tuple[ProvisionStep, ...] = ("network", "iam", "cluster", "node
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     stream: ClassVar[str] = subjects.STREAM_FLEET
+    # A command a service hands to its own consumer (handle_local) and never publishes.
+    local_only: ClassVar[bool] = False
 
     @classmethod
     def type_name(cls) -> str:
@@ -216,6 +218,31 @@ class ClusterDeprovisioned(ClusterEvent):
 class InfraServiceInstalled(ClusterEvent):
     service: str
     version: str
+
+
+class InfraServiceRemoved(ClusterEvent):
+    """A service the spec no longer lists was uninstalled (its objects pruned)."""
+
+    service: str
+    version: str
+
+
+class InfraDriftCorrected(ClusterEvent):
+    """Objects changed on the cluster behind our back were re-applied to the desired state."""
+
+    service: str
+    version: str
+    objects: list[str]
+
+
+class InfraReconcileRequested(ClusterEvent):
+    """The installer's own periodic nudge for one cluster: retry a retryable failure, or check for drift.
+
+    Handled locally through the same idempotent path as a delivered event; never published."""
+
+    local_only: ClassVar[bool] = True
+    reason: Literal["retry", "drift"]
+    bucket: int = Field(description="the time bucket it belongs to; one nudge per cluster and bucket")
 
 
 class ClusterReady(ClusterEvent):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from nats.js import api as jsapi
 
 from services.infra_installer import core
-from services.infra_installer.app import DURABLE, SERVICE, SPEC, build_subscriptions
+from services.infra_installer.app import DURABLE, SERVICE, SPEC, build_subscriptions, reconcile_pass
 from services.infra_installer.core import InstallerState
 from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import Bus, IdempotentConsumer
@@ -18,7 +18,16 @@ from shared.catalog import CATALOG, install_order
 from shared.config import Settings
 from shared.events import Envelope, decode_payload, new_event, subjects
 from shared.events.factory import payload_as
-from shared.events.models import ClusterInfraFailed, ClusterReady, ClusterRequested, Event, InfraServiceInstalled
+from shared.events.models import (
+    ClusterInfraFailed,
+    ClusterReady,
+    ClusterRequested,
+    ClusterUpdateRequested,
+    Event,
+    InfraDriftCorrected,
+    InfraServiceInstalled,
+    InfraServiceRemoved,
+)
 from shared.service import ServiceContext, open_context
 from tests.conftest import make_settings
 from tests.helpers import (
@@ -313,4 +322,84 @@ async def test_consumer_config_filters_only_what_the_installer_folds(settings: S
     assert info.config.ack_policy == jsapi.AckPolicy.EXPLICIT
     assert sorted(info.config.filter_subjects or []) == sorted(
         subjects.fleet_filter(t) for t in ("ClusterRequested", "ClusterProvisioned", "InfraServiceInstalled",
-                                           "ClusterRetirementRequested"))  # fmt: skip
+                                           "ClusterRetirementRequested", "ClusterUpdateRequested",
+                                           "InfraServiceRemoved"))  # fmt: skip
+
+
+# ---------------------------------------------------------------- in-place update, drift, retry of failures
+def update_request(c: Cluster, services: list[str], generation: int = 2) -> Envelope:
+    """The planner's ClusterUpdateRequested for a new infraServices list."""
+    spec = c.payload.spec.model_copy(update={"infra_services": services})
+    payload = ClusterUpdateRequested(location=c.payload.location, cluster_id=c.id, clusterset=c.payload.clusterset,
+                                     generation=generation, config_hash=spec.config_hash(), spec=spec,
+                                     changes=["spec.infraServices"])  # fmt: skip
+    return from_planner(payload)
+
+
+async def test_in_place_update_installs_the_difference_prunes_removed_services_and_is_ready_again(
+    settings: Settings, bus: Bus
+) -> None:
+    c = cluster("modelserving-prod-aws-us-east-1")
+    async with installer(settings) as run:
+        await bus.publish(c.requested)
+        await bus.publish(c.provisioned)
+        await wait_until(async_eq(lambda: readies(bus), {c.id}))
+        before = set(await run.target.installed(c.id))
+        keep = [s for s in c.payload.spec.infra_service_names() if s not in ("ingress", "registry-secrets")]
+        update = update_request(c, keep)
+        spec = payload_as(update, ClusterUpdateRequested).spec
+        await bus.publish(update)
+
+        async def ready_again() -> bool:
+            return any(isinstance(e, ClusterReady) and e.config_hash == spec.config_hash()
+                       for _, e in await events_for(bus, c.id))  # fmt: skip
+
+        await wait_until(ready_again)
+        events = await events_for(bus, c.id)
+        removed = [e.service for _, e in events if isinstance(e, InfraServiceRemoved)]
+        assert removed == ["ingress", "registry-secrets"]  # dependents first, reverse install order
+        assert set(await run.target.installed(c.id)) == before - {"ingress", "registry-secrets"}
+        # Nothing that stayed was re-applied.
+        stats = await run.target.stats(c.id)
+        assert all(stats[f"write:{s}"] == 1 for s in keep)
+
+
+async def test_drift_is_corrected_and_reported_by_the_periodic_pass(settings: Settings, bus: Bus) -> None:
+    c = cluster("serverless-prod-gcp-europe-west4")
+    async with installer(settings) as run:
+        await bus.publish(c.requested)
+        await bus.publish(c.provisioned)
+        await wait_until(async_eq(lambda: readies(bus), {c.id}))
+        await run.target.tamper(c.id, "tenant-isolation", {"defaultDeny": False})
+        assert await reconcile_pass(run.ctx, run.consumers[0], bucket=1) == 1
+
+        async def corrected() -> list[InfraDriftCorrected]:
+            return [e for _, e in await events_for(bus, c.id) if isinstance(e, InfraDriftCorrected)]
+
+        await wait_until(corrected)
+        (drift,) = await corrected()
+        assert drift.service == "tenant-isolation" and drift.objects == ["tenant-isolation"]
+        restored = (await run.target.installed(c.id))["tenant-isolation"]
+        assert restored.values == {} and restored.manager == "flotilla-infra-installer"
+        # The same pass again (another replica, same bucket) and a pass with nothing drifted report nothing.
+        await reconcile_pass(run.ctx, run.consumers[0], bucket=1)
+        await reconcile_pass(run.ctx, run.consumers[0], bucket=2)
+        await asyncio.sleep(0.3)
+        assert len(await corrected()) == 1
+
+
+async def test_a_retryable_failure_is_retried_by_the_periodic_pass_until_ready(nats_proc, redis_proc,
+                                                                               bus: Bus) -> None:  # fmt: skip
+    settings = make_settings(nats_proc.port, redis_proc.port, max_deliver=2)
+    c = cluster("dataeng-staging-azure-westeurope")
+    async with installer(settings) as run:
+        await run.target.add_fault(service="logging", times=2)
+        await bus.publish(c.requested)
+        await bus.publish(c.provisioned)
+        failure = await the_failure(bus, c.id)
+        assert failure.service == "logging"
+        # The fault is gone now (it fired twice): the next pass retries and the cluster goes READY.
+        await reconcile_pass(run.ctx, run.consumers[0], bucket=7)
+        await wait_until(async_eq(lambda: readies(bus), {c.id}))
+        state = await installer_state(run.ctx, c.id)
+        assert state is not None and state.ready and state.failure is None

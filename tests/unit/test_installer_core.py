@@ -23,7 +23,9 @@ from shared.events.models import (
     ClusterProvisioned,
     ClusterReady,
     ClusterRequested,
+    ClusterUpdateRequested,
     Event,
+    InfraReconcileRequested,
     InfraServiceInstalled,
 )
 from tests.helpers import EXAMPLES, cluster_provisioned, cluster_requested, retirement_requested
@@ -47,6 +49,8 @@ def drive(inputs: Sequence[Event], state: InstallerState | None = None) -> tuple
         out: Event | None = None
         if isinstance(action, Install):
             out = core.installed_event(state, action.service)
+        elif isinstance(action, core.Remove):
+            out = core.removed_event(state, action)
         elif isinstance(action, EmitReady):
             out = core.ready_event(state, action)
         elif isinstance(action, Fail):
@@ -252,6 +256,13 @@ class MemoryTarget(KubernetesTarget):
             raise RuntimeError("api down")
         self.applied.append((cluster.cluster_id, service, version, dict(values)))
 
+    async def remove_service(self, cluster: ClusterRef, service: str) -> None:
+        self.applied = [a for a in self.applied if not (a[0] == cluster.cluster_id and a[1] == service)]
+
+    async def correct_drift(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]
+                            ) -> list[str]:  # fmt: skip
+        return []
+
     async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
         return self.healthy
 
@@ -323,3 +334,50 @@ async def test_spec_refs_survive_the_envelope_round_trip() -> None:
     target = MemoryTarget()
     await run_handler(Installer(target), [envelope(requested), envelope(provisioned)])
     assert target.applied[-1][1:] == ("rbac", "2.0.0", {"k": "v"})
+
+
+# ---------------------------------------------------------------- in place update, retry, drift
+def test_update_installs_changes_first_then_prunes_dependents_first_then_is_ready_with_the_new_hash() -> None:
+    requested, provisioned = cluster_events("modelserving-prod-aws-us-east-1")
+    state, _ = drive([requested, provisioned])
+    spec = requested.spec.model_copy(update={"infra_services": [
+        "namespaces", "rbac", "observability", InfraServiceRef(name="logging", version="3.2.0")]})
+    update = ClusterUpdateRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                    clusterset=requested.clusterset, generation=2, config_hash=spec.config_hash(),
+                                    spec=spec, changes=["spec.infraServices"])  # fmt: skip
+    state, emitted = drive([update], state)
+    assert [(type(e).__name__, getattr(e, "service", None)) for e in emitted] == [
+        ("InfraServiceInstalled", "logging"),
+        ("InfraServiceRemoved", "ingress"),
+        ("InfraServiceRemoved", "cert-manager"),
+        ("InfraServiceRemoved", "registry-secrets"),
+        ("ClusterReady", None),
+    ]
+    assert isinstance(emitted[-1], ClusterReady) and emitted[-1].config_hash == spec.config_hash()
+    assert state is not None and state.installed["logging"] == "3.2.0" and "ingress" not in state.installed
+    # The same update again (or an older generation) changes nothing.
+    assert drive([update], state)[1] == []
+
+
+def test_the_periodic_retry_clears_only_a_retryable_failure() -> None:
+    requested, provisioned = cluster_events("modelserving-prod-aws-us-east-1")
+    base = core.replay([requested, provisioned])
+    assert base is not None
+    nudge = InfraReconcileRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                    clusterset=requested.clusterset, reason="retry", bucket=1)  # fmt: skip
+    for retryable in (True, False):
+        failed = core.evolve(base, core.failed_event(base, "namespaces", "boom", retryable=retryable))
+        after = core.evolve(failed, nudge)
+        assert after is not None
+        assert (after.failure is None) is retryable
+        assert (core.next_action(after) is not None) is retryable
+
+
+def test_drift_checks_only_ready_clusters() -> None:
+    requested, provisioned = cluster_events("serverless-prod-gcp-europe-west4")
+    half = core.replay([requested, provisioned])
+    assert core.drift_check(half) == []
+    ready, _ = drive([requested, provisioned])
+    assert [s.name for s in core.drift_check(ready)] == install_order(requested.spec.infra_service_names())
+    retired = core.evolve(ready, retirement_requested(requested))
+    assert core.drift_check(retired) == []

@@ -47,6 +47,15 @@ class KubernetesTarget(abc.ABC):
         """Ensure `service` at `version` with `values` is applied. Idempotent; raises InstallError on failure."""
 
     @abc.abstractmethod
+    async def remove_service(self, cluster: ClusterRef, service: str) -> None:
+        """Delete every object of `service` (by its ownership labels). Not found is done."""
+
+    @abc.abstractmethod
+    async def correct_drift(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]
+                            ) -> list[str]:  # fmt: skip
+        """Re-apply what changed on the cluster behind our back; return the objects corrected (empty: no drift)."""
+
+    @abc.abstractmethod
     async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
         """Whether the applied service is up (its workloads available). Never raises for 'not yet'."""
 

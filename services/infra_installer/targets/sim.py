@@ -125,6 +125,28 @@ class SimKubernetesTarget(KubernetesTarget):
         await self._apply(keys=[self.objects_key(cid), self._log_key(cid), self._stats_key(cid)],
                           args=[service, obj.model_dump_json(), digest, f"{service}@{version}"])  # fmt: skip
 
+    async def remove_service(self, cluster: ClusterRef, service: str) -> None:
+        cid = cluster.cluster_id
+        if await self.redis.hdel(self.objects_key(cid), service):
+            await self.redis.rpush(self._log_key(cid), f"-{service}")
+
+    async def correct_drift(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]
+                            ) -> list[str]:  # fmt: skip
+        current = await self.redis.hget(self.objects_key(cluster.cluster_id), service)
+        if current is None or SimObject.model_validate_json(current).digest != _digest(service, version, values):
+            await self.apply_service(cluster, service, version, values)
+            return [service]
+        return []
+
+    async def tamper(self, cluster_id: str, service: str, values: Mapping[str, Any]) -> None:
+        """Someone else edits a service's objects on the cluster (for drift tests)."""
+        raw = await self.redis.hget(self.objects_key(cluster_id), service)
+        assert raw is not None, f"{service} is not installed on {cluster_id}"
+        current = SimObject.model_validate_json(raw)
+        edited = SimObject(service=service, version=current.version, values=dict(values), manager="kubectl",
+                           digest=_digest(service, current.version, values))  # fmt: skip
+        await self.redis.hset(self.objects_key(cluster_id), service, edited.model_dump_json())
+
     async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
         if not await self.redis.hexists(self.objects_key(cluster.cluster_id), service):
             return False
