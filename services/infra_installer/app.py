@@ -55,7 +55,8 @@ DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].def
 
 def cluster_ref(state: InstallerState) -> ClusterRef:
     return ClusterRef(cluster_id=state.cluster_id, endpoint=state.endpoint or "", credential_ref=state.credential_ref,
-                      cloud=state.location.cloud, region=state.location.region)  # fmt: skip
+                      ca_fingerprint=state.ca_fingerprint, cloud=state.location.cloud,
+                      region=state.location.region)  # fmt: skip
 
 
 class Installer:
@@ -78,9 +79,16 @@ class Installer:
                 log.info("installing %s %s on %s", svc.name, svc.version, state.cluster_id,
                          extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
                 # Both are ensures: a retry after a crash or a failed health gate re-applies harmlessly.
-                await self.target.apply_service(cluster, svc.name, svc.version, svc.values)
-                await self.target.wait_healthy(cluster, svc.name, self.health_timeout_s)
-                emitted = core.installed_event(state, svc)
+                try:
+                    await self.target.apply_service(cluster, svc.name, svc.version, svc.values)
+                    await self.target.wait_healthy(cluster, svc.name, self.health_timeout_s)
+                    emitted = core.installed_event(state, svc)
+                except Exception as exc:
+                    if getattr(exc, "retryable", True) is not False:
+                        raise  # the runtime retries with backoff
+                    # Retrying cannot help (a CA that does not match, an unknown credential scheme).
+                    emitted = core.failed_event(state, svc.name, str(exc), retryable=False,
+                                                obj=getattr(exc, "object", None))  # fmt: skip
                 discriminator = svc.name
             case Remove(name=name):
                 log.info("removing %s from %s", name, state.cluster_id,

@@ -59,6 +59,7 @@ class InstallerState(BaseModel):
     provisioned: bool = False
     endpoint: str | None = None
     credential_ref: str | None = None
+    ca_fingerprint: str | None = None
     # Progress: service name -> version installed (from our own InfraServiceInstalled events).
     installed: dict[str, str] = Field(default_factory=dict)
     ready: bool = False
@@ -163,7 +164,8 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
             return state
         case ClusterProvisioned():
             return state.model_copy(update=dict(provisioned=True, endpoint=event.endpoint,
-                                                credential_ref=event.credential_ref))  # fmt: skip
+                                                credential_ref=event.credential_ref,
+                                                ca_fingerprint=event.ca_fingerprint))  # fmt: skip
         case InfraServiceInstalled():
             return state.model_copy(update=dict(installed={**state.installed, event.service: event.version}))
         case ClusterReady():
@@ -238,6 +240,7 @@ def ready_event(state: InstallerState, action: EmitReady) -> ClusterReady:
     )  # fmt: skip
 
 
-def failed_event(state: InstallerState, service: str, reason: str, retryable: bool) -> ClusterInfraFailed:
+def failed_event(state: InstallerState, service: str, reason: str, retryable: bool, obj: str | None = None
+                 ) -> ClusterInfraFailed:  # fmt: skip
     return ClusterInfraFailed(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
-                              service=service, reason=reason[:2000], retryable=retryable)  # fmt: skip
+                              service=service, object=obj, reason=reason[:2000], retryable=retryable)  # fmt: skip

@@ -318,6 +318,27 @@ async def test_handler_failure_raises_and_exhaustion_records_cluster_infra_faile
     assert core.next_action(exhausted.state) is None
 
 
+async def test_a_terminal_target_error_fails_the_cluster_at_once_naming_the_object() -> None:
+    class CaMismatch(Exception):
+        retryable = False
+        object = "apiserver CA"
+
+    class Refusing(MemoryTarget):
+        async def apply_service(self, cluster: ClusterRef, service: str, version: str,
+                                values: Mapping[str, Any]) -> None:  # fmt: skip
+            raise CaMismatch("CA of the API server does not match the provisioned fingerprint")
+
+    requested, provisioned = cluster_events("core-prod-aws-eu-west-1")
+    installer = Installer(Refusing())
+    state = (await installer.handle(envelope(requested), None)).state
+    out = await installer.handle(envelope(provisioned), state)
+    (failed,) = [decode_payload(e) for e in out.events]
+    assert isinstance(failed, ClusterInfraFailed)
+    assert (failed.service, failed.retryable, failed.object) == ("namespaces", False, "apiserver CA")
+    assert "does not match" in failed.reason
+    assert out.state is not None and core.next_action(out.state) is None
+
+
 async def test_health_timeout_raises_a_retryable_error() -> None:
     requested, provisioned = cluster_events("core-prod-aws-eu-west-1")
     installer = Installer(MemoryTarget(healthy=False), health_timeout_s=0.01)

@@ -26,6 +26,8 @@ class ClusterRef:
     cluster_id: str
     endpoint: str
     credential_ref: str | None = None
+    # SHA-256 of the API server's CA, from provisioning: the CA fetched at run time must match it.
+    ca_fingerprint: str | None = None
     cloud: str | None = None
     region: str | None = None
 
