@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     azure_base_url: str | None = None
     gcp_project: str | None = None
     gcp_api_endpoint: str | None = None
-    k8s_target: Literal["sim"] = "sim"
+    # How the installer reaches clusters: the simulated API, or each cluster's real API server.
+    k8s_target: Literal["sim", "kubernetes"] = "sim"
+    # Where the registry pull secret comes from (env://VAR or file:///path); never the secret itself.
+    registry_secret_ref: str | None = None
     install_health_timeout_s: float = Field(default=300.0, gt=0)
     # The installer's periodic pass over its clusters: retry retryable failures, correct drift.
     installer_reconcile_interval_s: float = Field(default=300.0, gt=0)

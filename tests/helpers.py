@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 from shared.bus import Bus
 from shared.events import ClusterSpec, Envelope, new_event, subjects, validate_clusterset
@@ -117,3 +117,19 @@ def request_envelope(name: str, suffix: str = "0001") -> Envelope:
 def retirement_envelope(request: Envelope) -> Envelope:
     """The planner's retirement of the cluster that the ClusterRequested envelope `request` asked for."""
     return from_planner(retirement_requested(payload_as(request, ClusterRequested)))
+
+
+def sample_resources(cloud: str, cluster_id: str, region: str) -> dict[str, dict[str, Any]]:
+    """Provisioning results as each real cloud driver records them (never secrets)."""
+    match cloud:
+        case "aws":
+            arn = f"arn:aws:kinesis:{region}:123456789012:stream/{cluster_id}-logs"
+            return {"log_stream": {"log_stream_id": arn, "name": f"{cluster_id}-logs", "arn": arn, "region": region,
+                                   "mode": "ON_DEMAND"}}  # fmt: skip
+        case "azure":
+            return {"log_stream": {"log_stream_id": f"/subscriptions/0/.../eventhubs/{cluster_id}-logs",
+                                   "name": f"{cluster_id}-logs", "namespace": f"{cluster_id}-ehns",
+                                   "namespace_id": "/subscriptions/0/...", "resource_group": f"{cluster_id}-rg"}}
+        case _:
+            topic = f"projects/flotilla-prod/topics/{cluster_id}-logs"
+            return {"log_stream": {"log_stream_id": topic, "name": f"{cluster_id}-logs"}}

@@ -98,7 +98,8 @@ class Provisioner:
         out = new_event(payload, source=SERVICE, cause=env, discriminator=_discriminator(payload))
         return Outcome(state=core.evolve(after, out), events=[out])
 
-    async def on_exhausted(self, env: Envelope, state: State | None, reason: str) -> Outcome[State]:
+    async def on_exhausted(self, env: Envelope, state: State | None, reason: str,
+                           error: BaseException | None = None) -> Outcome[State]:  # fmt: skip
         """Out of retries: record the failure (retryable: a new request or retirement tries again)."""
         decided = self._decide(env, state)
         if isinstance(decided, Outcome):

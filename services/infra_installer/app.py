@@ -16,14 +16,19 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from services.infra_installer import core
+from services.infra_installer.bundles.model import Bundle, RenderContext
+from services.infra_installer.bundles.render import render_bundle
 from services.infra_installer.core import EmitReady, Fail, Install, InstallerState, Remove
-from services.infra_installer.targets.base import ClusterRef, KubernetesTarget
+from services.infra_installer.credentials import ClusterCredentials
+from services.infra_installer.secret_refs import resolve_secret_ref
+from services.infra_installer.targets.base import ClusterRef, InstallError, KubernetesTarget
+from services.infra_installer.targets.kubernetes import KubernetesApiTarget
 from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import IdempotentConsumer, Outcome, Subscription
 from shared.config import Settings
@@ -53,16 +58,26 @@ CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, Infra
 DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].default
 
 
-def cluster_ref(state: InstallerState) -> ClusterRef:
+def cluster_ref(state: InstallerState, registry_secret_ref: str | None = None) -> ClusterRef:
+    context = None
+    if state.spec is not None:
+        context = RenderContext(cluster_id=state.cluster_id, clusterset=state.clusterset,
+                                cluster_type=state.cluster_type or "", location=state.location, spec=state.spec,
+                                resources=state.resources, registry_secret_ref=registry_secret_ref)  # fmt: skip
     return ClusterRef(cluster_id=state.cluster_id, endpoint=state.endpoint or "", credential_ref=state.credential_ref,
                       ca_fingerprint=state.ca_fingerprint, cloud=state.location.cloud,
-                      region=state.location.region)  # fmt: skip
+                      region=state.location.region, context=context)  # fmt: skip
 
 
 class Installer:
-    def __init__(self, target: KubernetesTarget, health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S) -> None:
+    def __init__(self, target: KubernetesTarget, health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
+                 registry_secret_ref: str | None = None) -> None:  # fmt: skip
         self.target = target
         self.health_timeout_s = health_timeout_s
+        self.registry_secret_ref = registry_secret_ref
+
+    def ref(self, state: InstallerState) -> ClusterRef:
+        return cluster_ref(state, self.registry_secret_ref)
 
     async def handle(self, env: Envelope, state: InstallerState | None) -> Outcome[InstallerState]:
         event = decode_payload(env)
@@ -75,7 +90,7 @@ class Installer:
         emitted: Event | None = None
         match action:
             case Install(service=svc):
-                cluster = cluster_ref(state)
+                cluster = self.ref(state)
                 log.info("installing %s %s on %s", svc.name, svc.version, state.cluster_id,
                          extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
                 # Both are ensures: a retry after a crash or a failed health gate re-applies harmlessly.
@@ -93,7 +108,7 @@ class Installer:
             case Remove(name=name):
                 log.info("removing %s from %s", name, state.cluster_id,
                          extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
-                await self.target.remove_service(cluster_ref(state), name)
+                await self.target.remove_service(self.ref(state), name)
                 emitted = core.removed_event(state, action)
                 discriminator = f"remove:{name}"
             case EmitReady():
@@ -113,7 +128,7 @@ class Installer:
         """Re-apply what was changed on the cluster behind our back, and say what was corrected."""
         events = []
         for svc in core.drift_check(state):
-            corrected = await self.target.correct_drift(cluster_ref(state), svc.name, svc.version, svc.values)
+            corrected = await self.target.correct_drift(self.ref(state), svc.name, svc.version, svc.values)
             if corrected:
                 log.warning("corrected drift of %s on %s: %s", svc.name, state.cluster_id, corrected,
                             extra={"cluster_id": state.cluster_id})  # fmt: skip
@@ -121,7 +136,8 @@ class Installer:
                                         discriminator=svc.name))  # fmt: skip
         return Outcome(state=state, events=events)
 
-    async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str) -> Outcome[InstallerState]:
+    async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str,
+                           error: BaseException | None = None) -> Outcome[InstallerState]:  # fmt: skip
         """Every attempt failed: record ClusterInfraFailed for the service that was being installed.
 
         Must not raise (the runtime would retry the dead-lettering forever), so undecodable input
@@ -134,7 +150,9 @@ class Installer:
         action = core.next_action(state)
         if state is None or not isinstance(action, Install):
             return Outcome(state=state)
-        failed = core.failed_event(state, action.service.name, reason, retryable=True)
+        # A health gate that never passed names its object (e.g. "Deployment ingress-nginx/controller").
+        failed = core.failed_event(state, action.service.name, reason, retryable=True,
+                                   obj=getattr(error, "object", None))  # fmt: skip
         out = new_event(failed, source=SERVICE, cause=env, discriminator=action.service.name)
         log.error("giving up installing %s on %s: %s", action.service.name, state.cluster_id, reason,
                   extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
@@ -145,9 +163,24 @@ def filter_subjects() -> list[str]:
     return [subjects.fleet_filter(cls.type_name()) for cls in CONSUMED]
 
 
+def kubernetes_target(ctx: ServiceContext) -> KubernetesTarget:
+    """The real adapter: credentials resolved per cluster at run time, bundles rendered from its state."""
+    credentials = ClusterCredentials(ctx.settings)
+    return KubernetesApiTarget(
+        client_for=credentials.api_client_blocking, render=render_for, resolve_secret=resolve_secret_ref,
+        health_timeout_s=ctx.settings.install_health_timeout_s,
+    )  # fmt: skip
+
+
+def render_for(service: str, version: str, values: Mapping[str, Any], cluster: ClusterRef) -> Bundle:
+    if cluster.context is None:
+        raise InstallError(f"no spec known for {cluster.cluster_id}: cannot render {service}")
+    return render_bundle(service, version, values, cluster.context)
+
+
 TARGETS: dict[str, Callable[[ServiceContext], KubernetesTarget]] = {
-    # The `kubernetes`-client adapter registers here next.
     "sim": lambda ctx: SimKubernetesTarget(ctx.redis, ctx.settings),
+    "kubernetes": kubernetes_target,
 }
 
 
@@ -159,6 +192,7 @@ def build_subscriptions(
     installer = Installer(
         target or TARGETS[ctx.settings.k8s_target](ctx),
         health_timeout_s if health_timeout_s is not None else ctx.settings.install_health_timeout_s,
+        registry_secret_ref=ctx.settings.registry_secret_ref,
     )
     return [
         Subscription(

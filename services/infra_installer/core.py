@@ -60,6 +60,8 @@ class InstallerState(BaseModel):
     endpoint: str | None = None
     credential_ref: str | None = None
     ca_fingerprint: str | None = None
+    # Provisioning results per step (log stream, network ...): what bundles are rendered from.
+    resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Progress: service name -> version installed (from our own InfraServiceInstalled events).
     installed: dict[str, str] = Field(default_factory=dict)
     ready: bool = False
@@ -165,7 +167,8 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
         case ClusterProvisioned():
             return state.model_copy(update=dict(provisioned=True, endpoint=event.endpoint,
                                                 credential_ref=event.credential_ref,
-                                                ca_fingerprint=event.ca_fingerprint))  # fmt: skip
+                                                ca_fingerprint=event.ca_fingerprint,
+                                                resources=event.resources))  # fmt: skip
         case InfraServiceInstalled():
             return state.model_copy(update=dict(installed={**state.installed, event.service: event.version}))
         case ClusterReady():

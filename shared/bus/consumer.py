@@ -46,7 +46,8 @@ class Outcome(Generic[S]):
 
 
 Handler = Callable[[Envelope, S | None], Awaitable[Outcome[S]]]
-ExhaustedHandler = Callable[[Envelope, S | None, str], Awaitable[Outcome[S]]]
+# (event, state, reason, the last error): the error lets a handler report structured detail (e.g. which object).
+ExhaustedHandler = Callable[[Envelope, S | None, str, BaseException], Awaitable[Outcome[S]]]
 
 
 class RetryableError(Exception):
@@ -275,18 +276,18 @@ class IdempotentConsumer(Generic[S]):
             await self._dead_letter(msg, reason, deliveries)
             if self.sub.on_exhausted is not None:
                 async with self._locks.setdefault(key, asyncio.Lock()):
-                    await self._record_exhausted(env, key, reason)
+                    await self._record_exhausted(env, key, reason, exc)
             await msg.ack()
         except Exception as exc2:  # the dead-letter path itself failed: try again later
             log.error("dead-lettering %s failed: %r", env.id, exc2)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=self.settings.backoff_for(deliveries))
 
-    async def _record_exhausted(self, env: Envelope, key: str, reason: str) -> None:
+    async def _record_exhausted(self, env: Envelope, key: str, reason: str, error: BaseException) -> None:
         assert self.sub.on_exhausted is not None
         for _ in range(20):
             state, version = await self.store.load(key, self.sub.state_model)
-            outcome = await self.sub.on_exhausted(env, state, reason)
+            outcome = await self.sub.on_exhausted(env, state, reason, error)
             result = await self.store.commit(key, version, outcome.state, env.id, outcome.events)
             if result is not CommitResult.CONFLICT:
                 break

@@ -113,7 +113,8 @@ async def test_poison_message_is_dead_lettered_and_consumer_moves_on(bus, redis)
 async def test_exhausted_retries_dead_letter_and_record_failure(bus, redis):
     rec = Recorder(always_fail=True)
 
-    async def on_exhausted(env: Envelope, state: Tally | None, reason: str) -> Outcome[Tally]:
+    async def on_exhausted(env: Envelope, state: Tally | None, reason: str, error: BaseException) -> Outcome[Tally]:
+        assert isinstance(error, RuntimeError)
         return Outcome(state=Tally(seen=[f"FAILED:{reason}"]))
 
     consumer = make_consumer(bus, redis, rec, on_exhausted=on_exhausted, max_deliver=3)

@@ -50,6 +50,7 @@ from shared.catalog import CATALOG
 from shared.events import validate_clusterset
 from shared.events.clusterset import ClusterSpec
 from tests.conftest import example_documents
+from tests.helpers import sample_resources
 
 EXAMPLES = example_documents()
 SERVERLESS = "serverless-prod-gcp-europe-west4"
@@ -57,22 +58,6 @@ MODELSERVING = "modelserving-prod-aws-us-east-1"
 DATAENG = "dataeng-staging-azure-westeurope"
 SELFMANAGED = "core-prod-aws-eu-west-1"
 REGISTRY_REF = "vault://platform/registry"
-
-
-def sample_resources(cloud: str, cluster_id: str, region: str) -> dict[str, dict[str, Any]]:
-    """Provisioning results as each real cloud driver records them (never secrets)."""
-    match cloud:
-        case "aws":
-            arn = f"arn:aws:kinesis:{region}:123456789012:stream/{cluster_id}-logs"
-            return {"log_stream": {"log_stream_id": arn, "name": f"{cluster_id}-logs", "arn": arn, "region": region,
-                                   "mode": "ON_DEMAND"}}  # fmt: skip
-        case "azure":
-            return {"log_stream": {"log_stream_id": f"/subscriptions/0/.../eventhubs/{cluster_id}-logs",
-                                   "name": f"{cluster_id}-logs", "namespace": f"{cluster_id}-ehns",
-                                   "namespace_id": "/subscriptions/0/...", "resource_group": f"{cluster_id}-rg"}}
-        case _:
-            topic = f"projects/flotilla-prod/topics/{cluster_id}-logs"
-            return {"log_stream": {"log_stream_id": topic, "name": f"{cluster_id}-logs"}}
 
 
 def context_for(example: str, *, spec: ClusterSpec | None = None, registry_secret_ref: str | None = REGISTRY_REF,

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.infra_installer.bundles.model import RenderContext
 from shared.bus.consumer import RetryableError
 
 FIELD_MANAGER = "flotilla-infra-installer"
@@ -30,6 +31,8 @@ class ClusterRef:
     ca_fingerprint: str | None = None
     cloud: str | None = None
     region: str | None = None
+    # What the cluster's bundles are rendered from (spec, provisioning results); None before the spec is known.
+    context: RenderContext | None = None
 
 
 class InstallError(RetryableError):
