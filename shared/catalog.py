@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
+from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,52 @@ CATALOG: dict[str, InfraServiceDef] = {
 }
 
 
+# Bundles users add (a directory with a bundle.yaml, see services/infra_installer/bundles/custom.py),
+# registered at start-up from settings.custom_bundle_dirs by every service that validates or installs
+# infra services, so that a ClusterSet may list them.
+_CUSTOM: dict[str, InfraServiceDef] = {}
+
+
+def known_services() -> dict[str, InfraServiceDef]:
+    """The built-in catalog plus the registered custom bundles."""
+    return {**CATALOG, **_CUSTOM}
+
+
+def register_custom(defs: dict[str, InfraServiceDef]) -> None:
+    clash = sorted(set(defs) & set(CATALOG))
+    if clash:
+        raise ValueError(f"custom bundle(s) {clash} would replace built-in services")
+    _CUSTOM.clear()
+    _CUSTOM.update(defs)
+
+
+def read_custom_defs(dirs: list[str]) -> dict[str, InfraServiceDef]:
+    """name, version and dependsOn of each bundle.yaml under `dirs` (the installer validates the rest)."""
+    defs: dict[str, InfraServiceDef] = {}
+    for root in map(Path, dirs):
+        candidates = [root] if (root / "bundle.yaml").is_file() else sorted(p for p in root.iterdir() if p.is_dir())
+        for directory in candidates:
+            descriptor = directory / "bundle.yaml"
+            if not descriptor.is_file():
+                continue
+            doc = yaml.safe_load(descriptor.read_text()) or {}
+            try:
+                defs[str(doc["name"])] = InfraServiceDef(str(doc["name"]), str(doc["version"]),
+                                                         tuple(doc.get("dependsOn") or ()))  # fmt: skip
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"{descriptor}: needs name and version ({exc})") from None
+    return defs
+
+
 def install_order(names: list[str]) -> list[str]:
     """Topological order of the requested services, dependencies that are also requested first.
 
     Ties are broken by catalog order so the order is stable across processes.
     """
     requested = set(names)
-    catalog_rank = {n: i for i, n in enumerate(CATALOG)}
-    graph = {n: [d for d in (*CATALOG[n].depends_on, *CATALOG[n].after) if d in requested] for n in names}
+    catalog = known_services()
+    catalog_rank = {n: i for i, n in enumerate(catalog)}
+    graph = {n: [d for d in (*catalog[n].depends_on, *catalog[n].after) if d in requested] for n in names}
     sorter = TopologicalSorter(graph)
     sorter.prepare()
     order: list[str] = []

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     gcp_api_endpoint: str | None = None
     # How the installer reaches clusters: the simulated API, or each cluster's real API server.
     k8s_target: Literal["sim", "kubernetes"] = "sim"
+    # Directories of bundles users add (each a bundle.yaml plus manifests): ClusterSets may list them.
+    custom_bundle_dirs: list[str] = Field(default_factory=list)
     # Where the registry pull secret comes from (env://VAR or file:///path); never the secret itself.
     registry_secret_ref: str | None = None
     install_health_timeout_s: float = Field(default=300.0, gt=0)

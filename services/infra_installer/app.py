@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.infra_installer import core
+from services.infra_installer.bundles.custom import CustomBundle, load_custom_bundles
 from services.infra_installer.bundles.model import Bundle, RenderContext
 from services.infra_installer.bundles.render import render_bundle
 from services.infra_installer.core import EmitReady, Fail, Install, InstallerState, Remove
@@ -31,6 +32,7 @@ from services.infra_installer.targets.base import ClusterRef, InstallError, Kube
 from services.infra_installer.targets.kubernetes import KubernetesApiTarget
 from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import IdempotentConsumer, Outcome, Subscription
+from shared.catalog import read_custom_defs, register_custom
 from shared.config import Settings
 from shared.events import Envelope, decode_payload, derive_id, new_event, subjects
 from shared.events.models import (
@@ -166,16 +168,22 @@ def filter_subjects() -> list[str]:
 def kubernetes_target(ctx: ServiceContext) -> KubernetesTarget:
     """The real adapter: credentials resolved per cluster at run time, bundles rendered from its state."""
     credentials = ClusterCredentials(ctx.settings)
+    custom = load_custom_bundles(ctx.settings.custom_bundle_dirs)  # fails at start-up, naming the bad file
+
+    def render(service: str, version: str, values: Mapping[str, Any], cluster: ClusterRef) -> Bundle:
+        return render_for(service, version, values, cluster, custom)
+
     return KubernetesApiTarget(
-        client_for=credentials.api_client_blocking, render=render_for, resolve_secret=resolve_secret_ref,
+        client_for=credentials.api_client_blocking, render=render, resolve_secret=resolve_secret_ref,
         health_timeout_s=ctx.settings.install_health_timeout_s,
     )  # fmt: skip
 
 
-def render_for(service: str, version: str, values: Mapping[str, Any], cluster: ClusterRef) -> Bundle:
+def render_for(service: str, version: str, values: Mapping[str, Any], cluster: ClusterRef,
+               custom: Mapping[str, CustomBundle] | None = None) -> Bundle:  # fmt: skip
     if cluster.context is None:
         raise InstallError(f"no spec known for {cluster.cluster_id}: cannot render {service}")
-    return render_bundle(service, version, values, cluster.context)
+    return render_bundle(service, version, values, cluster.context, custom=custom)
 
 
 TARGETS: dict[str, Callable[[ServiceContext], KubernetesTarget]] = {
@@ -189,6 +197,7 @@ def build_subscriptions(
     target: KubernetesTarget | None = None,
     health_timeout_s: float | None = None,
 ) -> Sequence[Subscription[InstallerState]]:
+    register_custom(read_custom_defs(ctx.settings.custom_bundle_dirs))
     installer = Installer(
         target or TARGETS[ctx.settings.k8s_target](ctx),
         health_timeout_s if health_timeout_s is not None else ctx.settings.install_health_timeout_s,

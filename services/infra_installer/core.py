@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.catalog import CATALOG, install_order
+from shared.catalog import install_order, known_services
 from shared.events.clusterset import ClusterSpec, InfraServiceRef, Location
 from shared.events.models import (
     ClusterEvent,
@@ -123,12 +123,13 @@ def plan(spec: ClusterSpec) -> tuple[list[PlannedService], list[str]]:
     for entry in spec.infra_services:
         name = entry if isinstance(entry, str) else entry.name
         refs.setdefault(name, None if isinstance(entry, str) else entry)  # first mention wins
-    unknown = [n for n in refs if n not in CATALOG]
-    ordered = install_order([n for n in refs if n in CATALOG])
+    catalog = known_services()
+    unknown = [n for n in refs if n not in catalog]
+    ordered = install_order([n for n in refs if n in catalog])
     services = []
     for name in ordered:
         ref = refs[name]
-        version = (ref.version if ref is not None and ref.version else None) or CATALOG[name].version
+        version = (ref.version if ref is not None and ref.version else None) or catalog[name].version
         services.append(PlannedService(name=name, version=version, values=dict(ref.values) if ref else {}))
     return services, unknown
 
@@ -203,10 +204,11 @@ def next_action(state: InstallerState | None) -> Action:
             return Install(service)
     wanted = {s.name for s in services}
     # Prune dependents before what they depend on: reverse of the install order.
-    for name in reversed(install_order([n for n in state.installed if n in CATALOG])):
+    catalog = known_services()
+    for name in reversed(install_order([n for n in state.installed if n in catalog])):
         if name not in wanted:
             return Remove(name, state.installed[name])
-    for name in sorted(set(state.installed) - wanted - set(CATALOG)):
+    for name in sorted(set(state.installed) - wanted - set(catalog)):
         return Remove(name, state.installed[name])
     return EmitReady(tuple(services))
 

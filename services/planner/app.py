@@ -7,6 +7,7 @@ from typing import Any
 
 from services.planner.core import PlannerState, handle
 from shared.bus import Outcome, Subscription
+from shared.catalog import read_custom_defs, register_custom
 from shared.events import (
     ClusterDeprovisioned,
     ClusterInfraFailed,
@@ -42,6 +43,8 @@ async def on_event(env: Envelope, state: PlannerState | None) -> Outcome[Planner
 
 
 def subscriptions(ctx: ServiceContext) -> Sequence[Subscription[Any]]:
+    # ClusterSets may list the bundles users added; validation must know them.
+    register_custom(read_custom_defs(ctx.settings.custom_bundle_dirs))
     return [
         Subscription(durable="planner-intents", stream=subjects.STREAM_CLUSTERSETS,
                      filter_subjects=[subjects.CLUSTERSETS_ALL], state_model=PlannerState, handle=on_event,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from shared.catalog import CATALOG
+from shared.catalog import known_services
 
 MAX_DOCUMENT_BYTES = 256 * 1024
 
@@ -150,11 +150,12 @@ class ClusterSetSpec(ClusterSpec):
         if len(set(names)) != len(names):
             problems.append("nodePools: pool names must be unique")
         services = self.infra_service_names()
-        unknown = [s for s in services if s not in CATALOG]
+        catalog = known_services()
+        unknown = [s for s in services if s not in catalog]
         if unknown:
-            problems.append(f"infraServices: unknown service(s) {unknown} (known: {', '.join(CATALOG)})")
+            problems.append(f"infraServices: unknown service(s) {unknown} (known: {', '.join(catalog)})")
         for name in services:
-            d = CATALOG.get(name)
+            d = catalog.get(name)
             if d and d.requires_feature and d.requires_feature not in self.features:
                 problems.append(f"infraServices: {name} needs feature {d.requires_feature}")
             if d:

@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
 
 import pytest
 from kubernetes.client import ApiClient
 
 from services.infra_installer.app import DURABLE, SERVICE, Installer, filter_subjects, reconcile_pass, render_for
+from services.infra_installer.bundles.custom import CustomBundle, load_custom_bundles
+from services.infra_installer.bundles.model import Bundle
 from services.infra_installer.core import InstallerState
 from services.infra_installer.targets.base import ClusterRef
 from services.infra_installer.targets.kubernetes import KubernetesApiTarget
 from shared.bus import Bus, IdempotentConsumer, Subscription
-from shared.catalog import install_order
+from shared.catalog import install_order, read_custom_defs, register_custom
 from shared.config import Settings
-from shared.events import Envelope, decode_payload, new_event, subjects
+from shared.events import Envelope, decode_payload, new_event, subjects, validate_clusterset
 from shared.events.models import ClusterInfraFailed, ClusterReady, InfraDriftCorrected, InfraServiceInstalled
 from shared.service import ServiceContext, open_context
 from tests.conftest import make_settings
@@ -70,11 +74,16 @@ def kubes() -> Iterator[Clusters]:
 
 
 @contextlib.asynccontextmanager
-async def installer(settings: Settings, kubes: Clusters, health_timeout_s: float = 30
+async def installer(settings: Settings, kubes: Clusters, health_timeout_s: float = 30,
+                    custom: Mapping[str, CustomBundle] | None = None,
                     ) -> AsyncIterator[tuple[ServiceContext, IdempotentConsumer[InstallerState]]]:  # fmt: skip
     """The installer's subscription with the real adapter; credentials are each fake's plain client."""
     ctx = await open_context(SERVICE, settings)
-    target = KubernetesApiTarget(client_for=kubes.client_for, render=render_for, resolve_secret=resolve,
+
+    def render(service: str, version: str, values: Mapping[str, Any], cluster: ClusterRef) -> Bundle:
+        return render_for(service, version, values, cluster, custom)
+
+    target = KubernetesApiTarget(client_for=kubes.client_for, render=render, resolve_secret=resolve,
                                  health_timeout_s=health_timeout_s)  # fmt: skip
     runner = Installer(target, health_timeout_s, registry_secret_ref=REGISTRY_REF)
     sub = Subscription(durable=DURABLE, stream=subjects.STREAM_FLEET, filter_subjects=filter_subjects(),
@@ -183,3 +192,61 @@ async def _equals(got: object, expected: object) -> bool:
 
 async def _contains(got: object, item: str) -> bool:
     return item in await got  # type: ignore[operator]
+
+
+AGENT_DESCRIPTOR = """\
+name: my-agent
+version: 1.2.0
+dependsOn: [namespaces]
+defaults: {replicas: 2}
+"""
+AGENT_MANIFEST = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: my-agent, namespace: flotilla-system}
+spec:
+  replicas: ${values.replicas}
+  selector: {matchLabels: {app: my-agent}}
+  template:
+    metadata: {labels: {app: my-agent}}
+    spec:
+      containers:
+        - name: agent
+          image: "registry.example/my-agent:${version}"
+          env: [{name: CLUSTER, value: "${cluster.id}"}]
+"""
+
+
+@pytest.fixture
+def custom_bundle(tmp_path) -> Iterator[str]:
+    """A user's bundle directory, registered like the services do at start-up (settings.custom_bundle_dirs)."""
+    root = tmp_path / "bundles" / "my-agent"
+    root.mkdir(parents=True)
+    (root / "bundle.yaml").write_text(AGENT_DESCRIPTOR)
+    (root / "10-agent.yaml").write_text(AGENT_MANIFEST)
+    register_custom(read_custom_defs([str(root.parent)]))
+    yield str(root.parent)
+    register_custom({})
+
+
+async def test_a_user_bundle_is_accepted_in_a_clusterset_and_installed_after_its_dependencies(
+    settings: Settings, bus: Bus, kubes: Clusters, custom_bundle: str
+) -> None:
+    doc = copy.deepcopy(EXAMPLES["core-prod-aws-eu-west-1"])
+    doc["spec"]["infraServices"] = ["my-agent", "namespaces"]
+    cs, errors = validate_clusterset(doc)
+    assert cs is not None, errors
+    custom = load_custom_bundles([custom_bundle])
+    async with installer(settings, kubes, custom=custom):
+        req = cluster_requested("core-prod-aws-eu-west-1", spec=cs.spec.cluster_spec())
+        env = from_planner(req)
+        await bus.publish(env)
+        await bus.publish(new_event(cluster_provisioned(req), source="cloud_provisioner", cause=env))
+        await wait_until(lambda: _contains(ready_ids(bus), req.cluster_id), within=60)
+        installed = [decode_payload(e) for e in await of_type(bus, InfraServiceInstalled.type_name())]
+        assert [(e.service, e.version) for e in installed] == [("namespaces", "1.0.0"), ("my-agent", "1.2.0")]  # type: ignore[attr-defined]
+        agent = kubes.api(req.cluster_id).get("Deployment", "my-agent", "flotilla-system")
+        assert agent is not None and agent["spec"]["replicas"] == 2
+        assert agent["metadata"]["labels"]["flotilla.dev/bundle"] == "my-agent"
+    register_custom({})
+    assert validate_clusterset(doc)[0] is None  # unknown again once the bundle is not registered
