@@ -64,6 +64,8 @@ class InstallerState(BaseModel):
     resources: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Progress: service name -> version installed (from our own InfraServiceInstalled events).
     installed: dict[str, str] = Field(default_factory=dict)
+    # ... and the config hash each was rendered from (bundles depend on values, node pools, version).
+    installed_for: dict[str, str] = Field(default_factory=dict)
     ready: bool = False
     failure: InfraFailure | None = None
     retired: bool = False
@@ -159,8 +161,9 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
             return state.model_copy(update=dict(generation=event.generation, config_hash=event.config_hash,
                                                 spec=event.spec, ready=False, failure=None))  # fmt: skip
         case InfraServiceRemoved():
-            return state.model_copy(update=dict(installed={k: v for k, v in state.installed.items()
-                                                           if k != event.service}))  # fmt: skip
+            return state.model_copy(update=dict(
+                installed={k: v for k, v in state.installed.items() if k != event.service},
+                installed_for={k: v for k, v in state.installed_for.items() if k != event.service}))  # fmt: skip
         case InfraReconcileRequested():
             if event.reason == "retry" and state.failure is not None and state.failure.retryable:
                 return state.model_copy(update=dict(failure=None))
@@ -171,7 +174,9 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
                                                 ca_fingerprint=event.ca_fingerprint,
                                                 resources=event.resources))  # fmt: skip
         case InfraServiceInstalled():
-            return state.model_copy(update=dict(installed={**state.installed, event.service: event.version}))
+            return state.model_copy(update=dict(installed={**state.installed, event.service: event.version},
+                                                installed_for={**state.installed_for,
+                                                               event.service: event.config_hash}))  # fmt: skip
         case ClusterReady():
             return state.model_copy(update=dict(ready=True))
         case ClusterInfraFailed():
@@ -200,7 +205,9 @@ def next_action(state: InstallerState | None) -> Action:
         return Fail(service=unknown[0], reason=f"not in the infra-service catalog: {', '.join(unknown)}",
                     retryable=False)  # fmt: skip
     for service in services:
-        if state.installed.get(service.name) != service.version:
+        # Re-apply what was rendered from another spec too: server-side apply makes unchanged objects no-ops.
+        if (state.installed.get(service.name) != service.version
+                or state.installed_for.get(service.name, "") != (state.config_hash or "")):  # fmt: skip
             return Install(service)
     wanted = {s.name for s in services}
     # Prune dependents before what they depend on: reverse of the install order.
@@ -224,7 +231,8 @@ def drift_check(state: InstallerState | None) -> list[PlannedService]:
 # ---------------------------------------------------------------- event payloads
 def installed_event(state: InstallerState, service: PlannedService) -> InfraServiceInstalled:
     return InfraServiceInstalled(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
-                                 service=service.name, version=service.version)  # fmt: skip
+                                 service=service.name, version=service.version,
+                                 config_hash=state.config_hash or "")  # fmt: skip
 
 
 def removed_event(state: InstallerState, action: Remove) -> InfraServiceRemoved:

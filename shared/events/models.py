@@ -218,6 +218,8 @@ class ClusterDeprovisioned(ClusterEvent):
 class InfraServiceInstalled(ClusterEvent):
     service: str
     version: str
+    # The cluster spec it was rendered from: a spec change (values, node pools) re-applies it.
+    config_hash: str = ""
 
 
 class InfraServiceRemoved(ClusterEvent):

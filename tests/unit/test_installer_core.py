@@ -358,7 +358,7 @@ async def test_spec_refs_survive_the_envelope_round_trip() -> None:
 
 
 # ---------------------------------------------------------------- in place update, retry, drift
-def test_update_installs_changes_first_then_prunes_dependents_first_then_is_ready_with_the_new_hash() -> None:
+def test_update_reapplies_for_the_new_spec_then_prunes_dependents_first_then_is_ready_with_the_new_hash() -> None:
     requested, provisioned = cluster_events("modelserving-prod-aws-us-east-1")
     state, _ = drive([requested, provisioned])
     spec = requested.spec.model_copy(update={"infra_services": [
@@ -367,7 +367,11 @@ def test_update_installs_changes_first_then_prunes_dependents_first_then_is_read
                                     clusterset=requested.clusterset, generation=2, config_hash=spec.config_hash(),
                                     spec=spec, changes=["spec.infraServices"])  # fmt: skip
     state, emitted = drive([update], state)
+    # Every listed service is re-applied for the new spec (unchanged objects are server-side-apply no-ops).
     assert [(type(e).__name__, getattr(e, "service", None)) for e in emitted] == [
+        ("InfraServiceInstalled", "namespaces"),
+        ("InfraServiceInstalled", "rbac"),
+        ("InfraServiceInstalled", "observability"),
         ("InfraServiceInstalled", "logging"),
         ("InfraServiceRemoved", "ingress"),
         ("InfraServiceRemoved", "cert-manager"),
