@@ -20,23 +20,17 @@ thread and:
 from __future__ import annotations
 
 import base64
-import datetime
-import ipaddress
 import json
-import ssl
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.fakes.http import DEFAULT_METHODS, Request, json_server, serve, stop_server
+from tests.fakes.tls import write_self_signed
 
 # Resource types (last type segment, lower case) whose PUT is a long-running operation.
 LRO_PUT = {"managedclusters", "agentpools", "virtualnetworks", "networksecuritygroups", "namespaces"}
@@ -75,27 +69,6 @@ class _Operation:
     remaining: int
     error: dict[str, str] | None = None
     done: bool = False
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-arm.local")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_path, key_path = directory / "arm.crt", directory / "arm.key"
-    cert_path.write_bytes(pem)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
-    return cert_path, key_path, pem
 
 
 def _segments(path: str) -> list[str]:
@@ -147,12 +120,8 @@ class FakeArm:
         self.ops: dict[str, _Operation] = {}
         self._settle_after: dict[str, int] = {}  # pre-created in-progress resources: GETs until Succeeded
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-arm-")
-        self.ca_file, key_file, self.ca_pem = _self_signed(Path(self._tmp.name))
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.ca_file, key_file)
-        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.ca_file, key_file, self.ca_pem = write_self_signed(Path(self._tmp.name), "fake-arm.local", "arm")
+        self._server = json_server(self.handle, tls=(self.ca_file, key_file), methods=(*DEFAULT_METHODS, "HEAD"))
         self._thread: threading.Thread | None = None
 
     @property
@@ -160,16 +129,12 @@ class FakeArm:
         return f"https://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> FakeArm:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-arm", daemon=True)
-        self._thread.start()
+        self._thread = serve(self._server, "fake-arm", poll_interval=0.02)
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:  # shutdown() waits for serve_forever: only if it runs
-            self._server.shutdown()
-            self._thread = None
-        self._server.server_close()
+        stop_server(self._server, serving=self._thread is not None)
+        self._thread = None
         self._tmp.cleanup()
 
     # ------------------------------------------------------------------ test helpers
@@ -286,39 +251,13 @@ class FakeArm:
             res["properties"]["provisioningState"] = "Failed" if op.error else "Succeeded"
 
     # ------------------------------------------------------------------ HTTP
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stalls
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-                pass
-
-            def _serve(self) -> None:
-                url = urlsplit(self.path)
-                query = {k: v[0] for k, v in parse_qs(url.query).items()}
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else None
-                with fake.lock:
-                    fake.requests.append(Recorded(self.command, url.path, query.get("api-version"), body, query))
-                    status, payload, headers = fake._route(self.command, url.path, query, body)
-                data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                if data:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if data and self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_DELETE = do_PATCH = do_POST = do_HEAD = _serve
-
-        return Handler
+    def handle(self, req: Request) -> tuple[int, Any, dict[str, str]]:
+        url = urlsplit(req.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = json.loads(req.body) if req.body else None
+        with self.lock:
+            self.requests.append(Recorded(req.method, url.path, query.get("api-version"), body, query))
+            return self._route(req.method, url.path, query, body)
 
     def _error(self, status: int, code: str, message: str, headers: dict[str, str] | None = None
                ) -> tuple[int, Any, dict[str, str]]:  # fmt: skip

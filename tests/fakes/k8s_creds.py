@@ -1,9 +1,9 @@
 """Small fakes for the credentials tests: a throwaway CA, a TLS "API server" that records bearer tokens,
 and stand-ins for Azure's and Google's credential objects.
 
-- `self_signed()` makes a self-signed certificate usable as both the cluster CA and the server certificate
-  (SAN 127.0.0.1 / localhost, basicConstraints CA): a client that pins it can talk to `KubeApiStub`, one
-  that pins anything else cannot.
+- `KubeApiStub`'s certificate (tests/fakes/tls.py) is self-signed, usable as both the cluster CA and the
+  server certificate (SAN 127.0.0.1 / localhost, basicConstraints CA): a client that pins it can talk to
+  `KubeApiStub`, one that pins anything else cannot.
 - `KubeApiStub` serves HTTPS on loopback: GET /version answers like an API server, every request's
   Authorization header is recorded.
 - `eks_token_url` / `signed_for` take an EKS bearer token apart and recompute its SigV4 signature.
@@ -17,45 +17,20 @@ import base64
 import datetime
 import hashlib
 import hmac
-import ipaddress
-import json
-import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from azure.core.credentials import AccessToken
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from google.auth.credentials import Credentials
 
-
-def self_signed(common_name: str = "kube-api.local") -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                    x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())  # fmt: skip
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
+from tests.fakes.http import Request, json_server, serve, stop_server
+from tests.fakes.tls import write_self_signed
 
 # What a v1.31 API server answers on GET /version (the client insists on every field).
 VERSION = {
@@ -82,58 +57,31 @@ class KubeApiStub:
     """An HTTPS endpoint that answers GET /version like a Kubernetes API server and records Authorization."""
 
     def __init__(self) -> None:
-        self.ca_pem, key_pem = self_signed()
+        self._tmp = tempfile.TemporaryDirectory(prefix="kube-stub-")
+        cert_file, key_file, self.ca_pem = write_self_signed(Path(self._tmp.name), "kube-api.local", "tls")
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
-        self._tmp = tempfile.TemporaryDirectory(prefix="kube-stub-")
-        cert_file, key_file = Path(self._tmp.name) / "tls.crt", Path(self._tmp.name) / "tls.key"
-        cert_file.write_bytes(self.ca_pem)
-        key_file.write_bytes(key_pem)
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - stdlib name
-                with stub._lock:
-                    stub.seen.append(Seen("GET", self.path, self.headers.get("Authorization")))
-                body: dict[str, Any]
-                if self.path.split("?")[0].rstrip("/") == "/version":
-                    status, body = 200, VERSION
-                else:
-                    status, body = 404, {"kind": "Status", "status": "Failure", "code": 404}
-                out = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert_file, key_file)
-        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self._server = json_server(self._handle, tls=(cert_file, key_file), methods=("GET",))
         self._thread: threading.Thread | None = None
+
+    def _handle(self, req: Request) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            self.seen.append(Seen("GET", req.path, req.headers.get("Authorization")))
+        if req.path.split("?")[0].rstrip("/") == "/version":
+            return 200, VERSION
+        return 404, {"kind": "Status", "status": "Failure", "code": 404}
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> KubeApiStub:
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="kube-stub", daemon=True)  # fmt: skip
-        self._thread.start()
+        self._thread = serve(self._server, "kube-stub", poll_interval=0.02)
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread = None
-        self._server.server_close()
+        stop_server(self._server, serving=self._thread is not None)
+        self._thread = None
         self._tmp.cleanup()
 
     def tokens(self) -> list[str | None]:

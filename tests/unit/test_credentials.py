@@ -41,7 +41,8 @@ from services.infra_installer.targets.base import ClusterRef, InstallError
 from shared.bus.consumer import RetryableError
 from shared.config import Settings
 from tests.fakes.gcp_api import fake_ca
-from tests.fakes.k8s_creds import FakeGoogleCredentials, eks_token_url, self_signed, signed_for
+from tests.fakes.k8s_creds import FakeGoogleCredentials, eks_token_url, signed_for
+from tests.fakes.tls import self_signed
 
 SUB = "00000000-0000-0000-0000-000000000001"
 
@@ -82,7 +83,7 @@ class FakeSource:
 
 @pytest.fixture(scope="module")
 def ca_pem() -> bytes:
-    return self_signed()[0]
+    return self_signed("kube-api.local")[0]
 
 
 @pytest.fixture(scope="module")

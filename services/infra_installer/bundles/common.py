@@ -241,11 +241,15 @@ def pod_spec(ctx: RenderContext, *, service_account: str, containers: list[Obj],
     return spec
 
 
-def deployment(name: str, namespace: str, selector: Mapping[str, str], pod: Obj, replicas: int = 1,
-               pod_annotations: Mapping[str, str] | None = None) -> Obj:  # fmt: skip
+def _pod_template(selector: Mapping[str, str], pod: Obj, pod_annotations: Mapping[str, str] | None) -> Obj:
     template_meta: Obj = {"labels": dict(selector)}
     if pod_annotations:
         template_meta["annotations"] = dict(sorted(pod_annotations.items()))
+    return {"metadata": template_meta, "spec": pod}
+
+
+def deployment(name: str, namespace: str, selector: Mapping[str, str], pod: Obj, replicas: int = 1,
+               pod_annotations: Mapping[str, str] | None = None) -> Obj:  # fmt: skip
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -254,16 +258,13 @@ def deployment(name: str, namespace: str, selector: Mapping[str, str], pod: Obj,
             "replicas": replicas,
             "selector": {"matchLabels": dict(selector)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {"metadata": template_meta, "spec": pod},
+            "template": _pod_template(selector, pod, pod_annotations),
         },
     }
 
 
 def daemonset(name: str, namespace: str, selector: Mapping[str, str], pod: Obj,
               pod_annotations: Mapping[str, str] | None = None) -> Obj:  # fmt: skip
-    template_meta: Obj = {"labels": dict(selector)}
-    if pod_annotations:
-        template_meta["annotations"] = dict(sorted(pod_annotations.items()))
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -271,7 +272,7 @@ def daemonset(name: str, namespace: str, selector: Mapping[str, str], pod: Obj,
         "spec": {
             "selector": {"matchLabels": dict(selector)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
-            "template": {"metadata": template_meta, "spec": pod},
+            "template": _pod_template(selector, pod, pod_annotations),
         },
     }
 
