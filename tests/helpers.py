@@ -7,14 +7,21 @@ The fixtures themselves (servers, settings, bus) stay in tests/conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
-from shared.bus import Bus
+from services.cloud_provisioner.app import SERVICE as PROVISIONER
+from services.cloud_provisioner.app import Provisioner
+from services.cloud_provisioner.providers import ProviderRegistry
+from services.cloud_provisioner.providers.base import ClusterContext
+from shared.bus import Bus, IdempotentConsumer
+from shared.config import Settings
 from shared.events import ClusterSpec, Envelope, new_event, subjects, validate_clusterset
 from shared.events.factory import payload_as
 from shared.events.models import ClusterProvisioned, ClusterRequested, ClusterRetirementRequested, Event, NetworkInfo
+from shared.service import ServiceContext, open_context
 from tests.conftest import example_documents
 
 EXAMPLES = example_documents()
@@ -72,6 +79,35 @@ async def consumer_drained(bus: Bus, durable: str, stream: str = subjects.STREAM
 
 
 # ---------------------------------------------------------------- example cluster events
+def example_spec(name: str) -> ClusterSpec:
+    """The cluster spec of the example ClusterSet `name`."""
+    clusterset, errors = validate_clusterset(EXAMPLES[name])
+    assert clusterset is not None, errors
+    return clusterset.spec.cluster_spec()
+
+
+def cluster_context(name: str, suffix: str = "0001") -> ClusterContext:
+    """What a cloud driver gets for cluster `<name>-<suffix>` of the example ClusterSet `name`."""
+    req = cluster_requested(name, suffix)
+    return ClusterContext(cluster_id=req.cluster_id, clusterset=name, location=req.location, spec=req.spec)
+
+
+@contextlib.asynccontextmanager
+async def provisioner_service(settings: Settings, registry: ProviderRegistry, max_deliver: int | None = None
+                              ) -> AsyncIterator[ServiceContext]:  # fmt: skip
+    """The cloud_provisioner service in-process with the given drivers, on the real consumer runtime."""
+    ctx = await open_context(PROVISIONER, settings)
+    sub = Provisioner(registry).subscription(**({"max_deliver": max_deliver} if max_deliver else {}))
+    consumer = IdempotentConsumer(ctx.bus, ctx.store, PROVISIONER, sub)
+    await consumer.start()
+    try:
+        yield ctx
+    finally:
+        await consumer.stop()
+        await ctx.bus.close()
+        await ctx.redis.aclose()
+
+
 def cluster_requested(name: str, suffix: str = "0001", *, spec: ClusterSpec | None = None,
                       generation: int = 1) -> ClusterRequested:  # fmt: skip
     """The planner's request for cluster `<name>-<suffix>` of the example ClusterSet `name` (its spec unless given)."""

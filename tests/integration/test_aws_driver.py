@@ -18,14 +18,14 @@ import contextlib
 import copy
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 
-from services.cloud_provisioner.app import DURABLE, SERVICE, Provisioner
+from services.cloud_provisioner.app import DURABLE, SERVICE
 from services.cloud_provisioner.providers import ProviderRegistry
 from services.cloud_provisioner.providers.aws import AwsProvider
 from services.cloud_provisioner.providers.aws_mapping import LOG_TYPES
@@ -36,13 +36,13 @@ from services.cloud_provisioner.providers.base import (
     ThrottlingError,
     TransientCloudError,
 )
-from shared.bus import Bus, IdempotentConsumer
+from shared.bus import Bus
 from shared.config import Settings
 from shared.embedded import ServerProcess, free_port, service_env, start_service
 from shared.events import Envelope, subjects, validate_clusterset
 from shared.events.factory import payload_as
 from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed, ClusterRequested
-from shared.service import ServiceContext, open_context
+from shared.service import ServiceContext
 from tests.fakes.moto_server import Fault, MotoServer, Proxy, inventory, moto_server, proxy
 from tests.helpers import (
     BYON,
@@ -51,6 +51,7 @@ from tests.helpers import (
     consumer_drained,
     fleet_events,
     from_planner,
+    provisioner_service,
     request_envelope,
     retirement_envelope,
     wait_until,
@@ -114,23 +115,10 @@ def make_provider(recorder: Proxy, session: boto3.Session | None = None) -> AwsP
     return AwsProvider(sess, endpoint_url=recorder.url, poll_s=0.01, wait_timeout_s=10.0, max_attempts=2)
 
 
-@contextlib.asynccontextmanager
-async def provisioner(
-    settings: Settings, provider: AwsProvider, max_deliver: int | None = None
-) -> AsyncIterator[ServiceContext]:
+def provisioner(settings: Settings, provider: AwsProvider, max_deliver: int | None = None
+                ) -> contextlib.AbstractAsyncContextManager[ServiceContext]:  # fmt: skip
     """The provisioner service in-process with the aws driver for the aws cloud."""
-    ctx = await open_context(SERVICE, settings)
-    sub = Provisioner(ProviderRegistry({"aws": provider})).subscription(
-        **({"max_deliver": max_deliver} if max_deliver else {})
-    )
-    consumer = IdempotentConsumer(ctx.bus, ctx.store, SERVICE, sub)
-    await consumer.start()
-    try:
-        yield ctx
-    finally:
-        await consumer.stop()
-        await ctx.bus.close()
-        await ctx.redis.aclose()
+    return provisioner_service(settings, ProviderRegistry({"aws": provider}), max_deliver)
 
 
 # ---------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from azure.core.credentials import AccessToken
 from redis.asyncio import Redis
 
 from services.cloud_provisioner import core
-from services.cloud_provisioner.app import DURABLE, SERVICE, Provisioner
+from services.cloud_provisioner.app import DURABLE, SERVICE
 from services.cloud_provisioner.providers import ProviderRegistry, build_registry
 from services.cloud_provisioner.providers import azure_mapping as m
 from services.cloud_provisioner.providers.azure import AzureProvider, build
@@ -31,11 +31,11 @@ from services.cloud_provisioner.providers.base import (
     ThrottlingError,
     TransientCloudError,
 )
-from shared.bus import Bus, IdempotentConsumer
+from shared.bus import Bus
 from shared.config import Settings
 from shared.events import Envelope, Location
 from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterRequested, ProvisionStep
-from shared.service import open_context
+from shared.service import ServiceContext
 from tests.fakes.azure_arm import FakeArm
 from tests.helpers import (
     BYON,
@@ -43,6 +43,7 @@ from tests.helpers import (
     consumer_drained,
     fleet_events,
     from_planner,
+    provisioner_service,
     retirement_requested,
     wait_until,
 )
@@ -501,18 +502,8 @@ async def test_build_uses_the_settings_and_the_registry_loads_the_driver(setting
 
 
 # ---------------------------------------------------------------- through the provisioner service
-@contextlib.asynccontextmanager
-async def service(settings: Settings, provider: AzureProvider) -> AsyncIterator[None]:
-    ctx = await open_context(SERVICE, settings)
-    consumer = IdempotentConsumer(ctx.bus, ctx.store, SERVICE,
-                                  Provisioner(ProviderRegistry({"azure": provider})).subscription())  # fmt: skip
-    await consumer.start()
-    try:
-        yield
-    finally:
-        await consumer.stop()
-        await ctx.bus.close()
-        await ctx.redis.aclose()
+def service(settings: Settings, provider: AzureProvider) -> contextlib.AbstractAsyncContextManager[ServiceContext]:
+    return provisioner_service(settings, ProviderRegistry({"azure": provider}))
 
 
 async def provisioner_events(bus: Bus, cid: str) -> list[Envelope]:

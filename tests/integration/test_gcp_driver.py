@@ -17,14 +17,14 @@ import hashlib
 import json
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
-from services.cloud_provisioner.app import SERVICE, Provisioner
+from services.cloud_provisioner.app import SERVICE
 from services.cloud_provisioner.providers import ProviderRegistry
 from services.cloud_provisioner.providers.base import (
     CloudError,
@@ -36,12 +36,12 @@ from services.cloud_provisioner.providers.base import (
 )
 from services.cloud_provisioner.providers.gcp import GcpProvider, build
 from services.cloud_provisioner.providers.gcp_mapping import gcp_labels, names_for
-from shared.bus import Bus, IdempotentConsumer
+from shared.bus import Bus
 from shared.config import Settings
 from shared.embedded import ServerProcess, service_env, start_service
 from shared.events import Envelope, validate_clusterset
 from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed, ClusterRequested
-from shared.service import open_context
+from shared.service import ServiceContext
 from tests.fakes.gcp_api import FakeGcp
 from tests.helpers import (
     EXAMPLES,
@@ -50,6 +50,7 @@ from tests.helpers import (
     consumer_drained,
     fleet_events,
     from_planner,
+    provisioner_service,
     retirement_requested,
     wait_until,
 )
@@ -502,19 +503,9 @@ def test_build_uses_anonymous_credentials_only_for_a_plain_http_endpoint() -> No
 
 
 # ---------------------------------------------------------------- through the provisioner service
-@contextlib.asynccontextmanager
-async def provisioner(settings: Settings, gcp: GcpProvider) -> AsyncIterator[None]:
+def provisioner(settings: Settings, gcp: GcpProvider) -> contextlib.AbstractAsyncContextManager[ServiceContext]:
     """The service in-process with the gcp driver (as app.subscriptions builds it, minus the registry)."""
-    ctx = await open_context(SERVICE, settings)
-    sub = Provisioner(ProviderRegistry({"gcp": gcp})).subscription()
-    consumer = IdempotentConsumer(ctx.bus, ctx.store, SERVICE, sub)
-    await consumer.start()
-    try:
-        yield
-    finally:
-        await consumer.stop()
-        await ctx.bus.close()
-        await ctx.redis.aclose()
+    return provisioner_service(settings, ProviderRegistry({"gcp": gcp}))
 
 
 async def emitted(bus: Bus, cid: str, event_type: str) -> list[Envelope]:

@@ -42,7 +42,6 @@ from services.cloud_provisioner.providers.aws_mapping import (
 )
 from services.cloud_provisioner.providers.base import (
     TAG_CLUSTER,
-    ClusterContext,
     InvalidInstanceTypeError,
     QuotaExceededError,
     ResourceNotFoundError,
@@ -50,9 +49,9 @@ from services.cloud_provisioner.providers.base import (
     ThrottlingError,
     TransientCloudError,
 )
-from shared.events import ClusterSpec, validate_clusterset
 from shared.events.clusterset import NodePool
 from tests.conftest import example_documents
+from tests.helpers import cluster_context, example_spec
 
 EXAMPLES = example_documents()
 MODELSERVING = "modelserving-prod-aws-us-east-1"
@@ -61,16 +60,7 @@ CORE = "core-prod-aws-eu-west-1"
 SERVERLESS = "serverless-prod-gcp-europe-west4"
 
 
-def spec_of(name: str) -> ClusterSpec:
-    clusterset, errors = validate_clusterset(EXAMPLES[name])
-    assert clusterset is not None, errors
-    return clusterset.spec.cluster_spec()
-
-
-def context(name: str) -> ClusterContext:
-    clusterset, _ = validate_clusterset(EXAMPLES[name])
-    assert clusterset is not None
-    return ClusterContext(f"{name}-0001", name, clusterset.metadata.location, clusterset.spec.cluster_spec())
+spec_of, context = example_spec, cluster_context
 
 
 def requests_for(name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -12,7 +12,6 @@ from services.cloud_provisioner.providers import azure_mapping as m
 from services.cloud_provisioner.providers.azure import ca_fingerprint, classify
 from services.cloud_provisioner.providers.base import (
     TAG_CLUSTER,
-    ClusterContext,
     InvalidInstanceTypeError,
     QuotaExceededError,
     TerminalCloudError,
@@ -20,9 +19,8 @@ from services.cloud_provisioner.providers.base import (
     TransientCloudError,
 )
 from services.cloud_provisioner.providers.base import ResourceNotFoundError as CloudNotFound
-from shared.events import ClusterSpec, validate_clusterset
 from shared.events.clusterset import NodePool, Taint
-from tests.helpers import EXAMPLES, cluster_requested
+from tests.helpers import EXAMPLES, cluster_context, cluster_requested, example_spec
 
 SUB = "00000000-0000-0000-0000-000000000001"
 DATAENG = "dataeng-staging-azure-westeurope"
@@ -31,15 +29,7 @@ SERVERLESS = "serverless-prod-gcp-europe-west4"
 SELFMANAGED = "core-prod-aws-eu-west-1"
 
 
-def spec_of(name: str) -> ClusterSpec:
-    cs, errors = validate_clusterset(EXAMPLES[name])
-    assert cs is not None, errors
-    return cs.spec.cluster_spec()
-
-
-def ctx_of(name: str) -> ClusterContext:
-    req = cluster_requested(name)
-    return ClusterContext(req.cluster_id, req.clusterset, req.location, req.spec)
+spec_of, ctx_of = example_spec, cluster_context
 
 
 def test_every_example_is_covered() -> None:

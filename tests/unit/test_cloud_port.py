@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 
 from services.cloud_provisioner.providers.base import ClusterContext, TerminalCloudError, managed_spec
-from shared.events import validate_clusterset
 from tests.conftest import example_documents
+from tests.helpers import cluster_context
 
-
-def context(name: str) -> ClusterContext:
-    cs = validate_clusterset(example_documents()[name])[0]
-    assert cs is not None
-    return ClusterContext(cluster_id=f"{name}-0001", clusterset=name, location=cs.metadata.location,
-                          spec=cs.spec.cluster_spec())  # fmt: skip
+context = cluster_context
 
 
 def test_managed_control_planes_are_built_and_self_managed_ones_refused_before_anything_is_created():

@@ -51,9 +51,10 @@ from services.cloud_provisioner.providers.gcp_mapping import (
     with_members,
     without_member,
 )
-from shared.events import ClusterSpec, validate_clusterset
+from shared.events import ClusterSpec
 from shared.events.clusterset import NodePool
 from tests.conftest import example_documents
+from tests.helpers import cluster_context
 
 EXAMPLES = example_documents()
 SA = "sa-12345678@p.iam.gserviceaccount.com"
@@ -64,11 +65,7 @@ def as_json(message: Any) -> dict[str, Any]:
     return json.loads(json_format.MessageToJson(type(message).pb(message), use_integers_for_enums=True))
 
 
-def ctx_for(name: str, suffix: str = "0001") -> ClusterContext:
-    model, errors = validate_clusterset(EXAMPLES[name])
-    assert model is not None, errors
-    return ClusterContext(cluster_id=f"{name}-{suffix}", clusterset=name, location=model.metadata.location,
-                          spec=model.spec.cluster_spec())  # fmt: skip
+ctx_for = cluster_context
 
 
 def spec_of(ctx: ClusterContext) -> ClusterSpec:
