@@ -1,15 +1,17 @@
-"""flotilla: apply and delete ClusterSets, read clustersets and clusters, watch READY clusters, run the stack."""
+"""flotilla: apply and delete ClusterSets, steer rollouts, read clustersets, clusters and rollouts, watch READY
+clusters, run the stack."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,11 +21,15 @@ from rich.table import Table
 from shared.client import (
     DEFAULT_APPLY_TIMEOUT_S,
     DEFAULT_DELETE_TIMEOUT_S,
+    DocumentError,
     FlotillaClient,
     FlotillaError,
     FlotillaUnavailable,
+    InvalidRequest,
+    RequestResult,
     api_url_from_settings,
     load_clustersets,
+    load_fleet_rollout,
 )
 from shared.config import get_settings
 from shared.events import Envelope, FieldError
@@ -34,6 +40,11 @@ T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 get_app = typer.Typer(no_args_is_help=True, help="Read clustersets and clusters from the status API.")
 app.add_typer(get_app, name="get")
+rollout_app = typer.Typer(no_args_is_help=True,
+                          help="Steer a ClusterSet's rollout (pause, resume, abort, rollback); list and read rollouts.")
+app.add_typer(rollout_app, name="rollout")
+fleet_app = typer.Typer(no_args_is_help=True, help="Roll one change over many ClusterSets, stage by stage.")
+app.add_typer(fleet_app, name="fleet-rollout")
 
 out = Console()
 err = Console(stderr=True)
@@ -73,9 +84,17 @@ def _run(coro_fn: Callable[[FlotillaClient], Awaitable[T]], ends: Endpoints) -> 
 
     try:
         return asyncio.run(go())
+    except InvalidRequest as exc:  # refused before anything was published: a usage error
+        _invalid(exc)
     except FlotillaError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
+
+
+def _invalid(exc: InvalidRequest) -> NoReturn:
+    err.print(f"[red]error:[/] invalid {escape(exc.what)}; nothing was published:")
+    _print_errors(exc.errors)
+    raise typer.Exit(2)
 
 
 @app.callback()
@@ -343,6 +362,237 @@ def watch(
         _run(go, _endpoints(ctx))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
+
+
+# ----------------------------------------------------------------------------- rollouts
+class RolloutKind(StrEnum):
+    clusterset = "clusterset"
+    fleet = "fleet"
+
+
+WAIT_HELP = "seconds to wait for the service's answer (0: return once the request is stored)"
+
+
+def _report(result: RequestResult, label: str, wait: float) -> None:
+    """What happened to an intent: stored, answered (with the answering event) or unanswered in time."""
+    if not result.waited:
+        out.print(f"{escape(label)} requested (event {result.event_id})")
+        return
+    if result.answer is None:
+        err.print(f"[yellow]{escape(label)}: no answer within {wait:g}s (event {result.event_id} is stored; "
+                  "is the service running, and is there something to act on?)[/]")  # fmt: skip
+        raise typer.Exit(1)
+    answer = result.answer
+    if answer.type == "FleetRolloutRejected":
+        err.print(f"[red]{escape(label)} rejected:[/]")
+        _print_errors([FieldError.model_validate(e) for e in answer.data.get("errors", [])])
+        raise typer.Exit(1)
+    out.print(f"{escape(label)}: {answer.type}" + (f" ({escape(answer.data['reason'])})"
+                                                   if answer.data.get("reason") else ""))  # fmt: skip
+
+
+def _rollout_control_command(action: str, summary: str) -> None:
+    @rollout_app.command(action, help=summary)
+    def command(
+        ctx: typer.Context,
+        clusterset: str = typer.Argument(..., help="the ClusterSet whose rollout to act on"),
+        rollout_id: str | None = typer.Option(None, "--rollout-id", help="only if this is the running rollout"),
+        reason: str = typer.Option("", "--reason", help="recorded with the request"),
+        wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+    ) -> None:
+        result = _run(lambda c: c.rollout_control(clusterset, action, rollout_id=rollout_id, reason=reason,
+                                                  wait_s=wait), _endpoints(ctx))  # fmt: skip
+        _report(result, f"{action} of the rollout of clusterset/{clusterset}", wait)
+
+
+for _action, _summary in (
+    ("pause", "Pause a ClusterSet's running rollout (nothing new is drained or created until resumed)."),
+    ("resume", "Resume a paused rollout."),
+    ("abort", "Stop a rollout where it is, keeping every cluster (old and new)."),
+    ("rollback", "Roll a rollout back: retire the clusters it created, keep the old ones."),
+):
+    _rollout_control_command(_action, _summary)
+
+
+def _rollout_progress(item: dict[str, Any]) -> tuple[str, str]:
+    """(PROGRESS, DETAIL) columns of one rollout, either kind."""
+    if item.get("kind") == "FleetRollout":
+        counts = item.get("setCounts") or {}
+        total = sum(counts.values())
+        current = next((s["name"] for s in item.get("stages") or [] if s.get("state") != "COMPLETED"), "")
+        progress = f"{counts.get('SUCCEEDED', 0)}/{total} sets" + (f", {counts['FAILED']} failed"
+                                                                    if counts.get("FAILED") else "")  # fmt: skip
+        detail = " ".join(x for x in (f"stage {current}" if current else "", item.get("reason") or "") if x)
+        return progress, detail
+    count = item.get("count")
+    progress = f"{item.get('replaced', 0)}/{'?' if count is None else count} replaced"
+    hashes = ",".join(item.get("fromConfigHashes") or [])
+    detail = f"{hashes or '?'} -> {item.get('toConfigHash') or '?'}"
+    waiting = item.get("waiting") or {}
+    extra = item.get("reason") or waiting.get("reason")
+    return progress, detail + (f" ({extra})" if extra else "")
+
+
+_STATE_STYLE = {"COMPLETED": "green", "FAILED": "red", "SUCCEEDED": "green", "PAUSED": "yellow", "HALTED": "red",
+                "ABORTED": "red", "ROLLED_BACK": "yellow", "ROLLING_BACK": "yellow", "REJECTED": "red",
+                "AWAITING_APPROVAL": "cyan", "WAITING": "cyan"}  # fmt: skip
+
+
+def _styled(state: str) -> str:
+    style = _STATE_STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else state
+
+
+def rollouts_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "KIND", "SCOPE", "STATE", "PROGRESS", "DETAIL", "UPDATED"):
+        table.add_column(col, no_wrap=col not in ("DETAIL",), overflow="fold")
+    for item in items:
+        fleet = item.get("kind") == "FleetRollout"
+        progress, detail = _rollout_progress(item)
+        table.add_row(
+            str(item.get("id", "")), "fleet" if fleet else "clusterset",
+            str(item.get("clusterType") or "") if fleet else str(item.get("clusterset") or ""),
+            _styled(str(item.get("state", ""))), progress, escape(detail), str(item.get("updatedAt") or ""),
+        )  # fmt: skip
+    return table
+
+
+def _rollout_detail(item: dict[str, Any]) -> None:
+    """One rollout for people: the listing row, then its stages and sets (fleet) or clusters (set rollout)."""
+    out.print(rollouts_table([item]))
+    if item.get("kind") == "FleetRollout":
+        stages = Table(title="stages", box=None, header_style="bold", pad_edge=False, title_justify="left")
+        for col in ("STAGE", "STATE", "APPROVAL", "SOAK UNTIL", "CLUSTERSETS"):
+            stages.add_column(col)
+        for st in item.get("stages") or []:
+            stages.add_row(str(st.get("name")), _styled(str(st.get("state"))), "yes" if st.get("approval") else "",
+                           str(st.get("soakUntil") or ""), str(len(st.get("clustersets") or [])))  # fmt: skip
+        out.print(stages)
+        sets = Table(title="clustersets", box=None, header_style="bold", pad_edge=False, title_justify="left")
+        for col in ("CLUSTERSET", "STAGE", "STATE", "PATH", "ROLLOUT", "REASON"):
+            sets.add_column(col, overflow="fold")
+        for entry in item.get("sets") or []:
+            rollout = entry.get("rollout") or {}
+            progress = (f"{rollout.get('state')} {rollout.get('replaced', 0)}/{rollout.get('count') or '?'}"
+                        if rollout else "")  # fmt: skip
+            sets.add_row(str(entry.get("clusterset")), str(entry.get("stage") or ""), _styled(str(entry.get("state"))),
+                         str(entry.get("updatePath") or ""), progress, escape(str(entry.get("reason") or "")))
+        out.print(sets)
+    else:
+        for key in ("outdatedClusters", "createdClusters", "retiredClusters", "failedClusterIds"):
+            if item.get(key):
+                out.print(f"[bold]{key}:[/] {escape(' '.join(item[key]))}")
+    timeline = item.get("timeline") or []
+    if timeline:
+        out.print("[bold]timeline:[/]")
+        for t in timeline:
+            out.print(f"  {t.get('time')} {_styled(str(t.get('state')))}"
+                      + (f" ({escape(str(t['reason']))})" if t.get("reason") else ""))  # fmt: skip
+
+
+@rollout_app.command("list")
+def rollout_list(
+    ctx: typer.Context,
+    kind: RolloutKind | None = typer.Option(None, "--kind", case_sensitive=False, help="clusterset or fleet"),
+    clusterset: str | None = typer.Option(None, "--clusterset", help="this set's rollouts and fleet rollouts over it"),
+    state: str | None = typer.Option(None, "--state", help="e.g. IN_PROGRESS, PAUSED, HALTED, COMPLETED"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """List ClusterSet rollouts and fleet rollouts (all pages)."""
+    filters = dict(kind=kind.value if kind else None, clusterset=clusterset, state=state.upper() if state else None)
+    items = _run(lambda c: c.rollouts(limit=limit, **filters), _endpoints(ctx))
+    if output is Output.json:
+        _print_json(items)
+    elif not items:
+        err.print("no rollouts match")
+    else:
+        out.print(rollouts_table(items))
+
+
+@rollout_app.command("get")
+def rollout_get(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="a rollout id or a fleet rollout id"),
+    kind: RolloutKind | None = typer.Option(None, "--kind", case_sensitive=False, help="if the id names both kinds"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """Show one rollout: state, progress, stages and sets (fleet) or clusters (ClusterSet), timeline."""
+    item = _run(lambda c: c.rollout(rollout_id, kind=kind.value if kind else None), _endpoints(ctx))
+    if item is None:
+        err.print(f"[red]error:[/] rollout {escape(rollout_id)!r} not found")
+        raise typer.Exit(1)
+    if output is Output.json:
+        _print_json(item)
+    else:
+        _rollout_detail(item)
+
+
+@fleet_app.command("start")
+def fleet_start(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="YAML or JSON with the fleet rollout (rolloutId, clusterType, patch, "
+                                          "stages, maxInFlight, failureBudget, selector); - for stdin"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the file, publish nothing"),
+    wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+) -> None:  # fmt: skip
+    """Start a fleet rollout from a file; every bad field is printed and nothing is published."""
+    try:
+        request = load_fleet_rollout(file)
+    except InvalidRequest as exc:
+        _invalid(exc)
+    except DocumentError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
+    label = f"fleet-rollout/{request.rollout_id}"
+    if dry_run:
+        stages = ", ".join(s.name for s in request.stages)
+        out.print(f"{escape(label)} is valid ({len(request.stages)} stage(s): {escape(stages)}); nothing published")
+        return
+    result = _run(lambda c: c.start_fleet_rollout(request, wait_s=wait), _endpoints(ctx))
+    _report(result, label, wait)
+
+
+@fleet_app.command("approve")
+def fleet_approve(
+    ctx: typer.Context,
+    rollout_id: str = typer.Argument(..., help="the fleet rollout id"),
+    stage: str = typer.Argument(..., help="the stage waiting for approval"),
+    approver: str | None = typer.Option(None, "--approver", help="who approves (default: the local user name)"),
+    wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+) -> None:
+    """Approve a stage that waits for approval."""
+    who = approver if approver is not None else _user()
+    result = _run(lambda c: c.approve_fleet_rollout(rollout_id, stage, approver=who, wait_s=wait), _endpoints(ctx))
+    _report(result, f"approval of stage {stage} of fleet-rollout/{rollout_id}", wait)
+
+
+def _user() -> str:
+    with contextlib.suppress(Exception):  # no passwd entry (containers): approve anonymously
+        return getpass.getuser()
+    return ""
+
+
+def _fleet_control_command(action: str, summary: str) -> None:
+    @fleet_app.command(action, help=summary)
+    def command(
+        ctx: typer.Context,
+        rollout_id: str = typer.Argument(..., help="the fleet rollout id"),
+        reason: str = typer.Option("", "--reason", help="recorded with the request"),
+        wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+    ) -> None:
+        result = _run(lambda c: c.fleet_rollout_control(rollout_id, action, reason=reason, wait_s=wait),
+                      _endpoints(ctx))  # fmt: skip
+        _report(result, f"{action} of fleet-rollout/{rollout_id}", wait)
+
+
+for _action, _summary in (
+    ("pause", "Pause a fleet rollout: no further ClusterSet is started (those in flight finish)."),
+    ("resume", "Resume a paused or halted fleet rollout."),
+    ("abort", "Abort a fleet rollout: no further ClusterSet is started."),
+):
+    _fleet_control_command(_action, _summary)
 
 
 # ----------------------------------------------------------------------------- up

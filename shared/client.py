@@ -1,7 +1,9 @@
-"""The Python client for Flotilla users: apply / delete ClusterSets, read the status API, watch READY clusters.
+"""The Python client for Flotilla users: apply / delete ClusterSets, steer rollouts, read the status API, watch
+READY clusters.
 
-Writes go through the bus (intent events on CLUSTERSETS, answered by the planner on FLEET);
-reads go through the status_projector's HTTP API. The CLI (shared/cli.py) is a thin layer on top.
+Writes go through the bus (intent events on CLUSTERSETS, answered by the planner, rotation or the fleet
+orchestrator on FLEET); reads go through the status_projector's HTTP API. The CLI (shared/cli.py) is a thin
+layer on top.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from nats.aio.msg import Msg
 from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel, to_snake
 
 from shared.bus import Bus
 from shared.config import Settings
 from shared.events import Envelope, FieldError, new_event, subjects
+from shared.events.clusterset import ClusterSpec
 from shared.events.factory import payload_as
 from shared.events.models import (
     ClusterProtectionChanged,
@@ -38,6 +42,23 @@ from shared.events.models import (
     ClusterSetDeleted,
     ClusterSetRejected,
     ClusterSetRetired,
+    Event,
+    FleetRolloutAborted,
+    FleetRolloutApproved,
+    FleetRolloutAwaitingApproval,
+    FleetRolloutControlRequested,
+    FleetRolloutPaused,
+    FleetRolloutRejected,
+    FleetRolloutRequested,
+    FleetRolloutResumed,
+    FleetRolloutStageStarted,
+    FleetRolloutStarted,
+    RolloutAborted,
+    RolloutControlRequested,
+    RolloutPaused,
+    RolloutResumed,
+    RolloutRolledBack,
+    RolloutRollingBack,
 )
 
 SOURCE = "cli"
@@ -70,6 +91,15 @@ class ApiError(FlotillaError):
 
 class DocumentError(FlotillaError):
     """A file that cannot be read or parsed as ClusterSet YAML."""
+
+
+class InvalidRequest(FlotillaError):
+    """Input refused before anything was published; `errors` names every bad field."""
+
+    def __init__(self, what: str, errors: list[FieldError]) -> None:
+        super().__init__(f"invalid {what}: " + "; ".join(f"{e.field}: {e.message}" for e in errors))
+        self.what = what
+        self.errors = errors
 
 
 # ----------------------------------------------------------------------------- loading files
@@ -163,6 +193,144 @@ class DeleteResult:
     event_id: str = ""
 
 
+@dataclass(frozen=True)
+class RequestResult:
+    """An intent published to CLUSTERSETS, and the service's answer when one was waited for."""
+
+    event_id: str
+    subject: str
+    waited: bool = False
+    answer: Envelope | None = None  # None after waiting: no answer in time (the intent is stored all the same)
+
+    @property
+    def answered(self) -> bool:
+        return self.answer is not None
+
+
+# What answers each intent (matched on causation id). Rollback answers first with RolloutRollingBack.
+ROLLOUT_ANSWERS: dict[str, list[str]] = {
+    "pause": [RolloutPaused.type_name()],
+    "resume": [RolloutResumed.type_name()],
+    "abort": [RolloutAborted.type_name()],
+    "rollback": [RolloutRollingBack.type_name(), RolloutRolledBack.type_name()],
+}
+FLEET_ANSWERS: dict[str, list[str]] = {
+    "start": [FleetRolloutStarted.type_name(), FleetRolloutRejected.type_name()],
+    "approve": [FleetRolloutStageStarted.type_name(), FleetRolloutAwaitingApproval.type_name()],
+    "pause": [FleetRolloutPaused.type_name()],
+    "resume": [FleetRolloutResumed.type_name()],
+    "abort": [FleetRolloutAborted.type_name()],
+}
+ROLLOUT_KINDS = ("clusterset", "fleet")
+
+# ----------------------------------------------------------------------------- fleet rollout files
+# Nested objects of a FleetRolloutRequested whose keys users may write in camelCase. `patch` is not one of them:
+# it is a patch of the ClusterSet spec, already in the document's own (camelCase) spelling.
+_Nested = Mapping[str, "_Nested"]
+_FLEET_NESTED: _Nested = {"selector": {}, "stages": {"selector": {}}}
+# A fleet rollout may not change how many clusters a set has, nor how it updates them.
+_UNPATCHABLE = ("count", "updateStrategy", "update_strategy")
+_SPEC_FIELDS = frozenset({*ClusterSpec.model_fields, *(f.alias for f in ClusterSpec.model_fields.values() if f.alias)})
+
+
+def _normalise(obj: Any, nested: _Nested, path: tuple[str | int, ...],
+               spelled: dict[tuple[str | int, ...], str], errors: list[FieldError]) -> Any:  # fmt: skip
+    """camelCase keys to python names, recursively into `nested`; remembers how the user spelled each key."""
+    if isinstance(obj, list):
+        return [_normalise(v, nested, (*path, i), spelled, errors) for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = to_snake(key) if isinstance(key, str) else key
+        if name in out:
+            errors.append(FieldError(field=_spell((*path, name), spelled), message=f"given twice (also as {key})"))
+            continue
+        spelled[(*path, name)] = str(key)
+        out[name] = _normalise(value, nested[name], (*path, name), spelled, errors) if name in nested else value
+    return out
+
+
+def _spell(loc: tuple[str | int, ...], spelled: Mapping[tuple[str | int, ...], str]) -> str:
+    """A field path as the user wrote it: stages[0].soakSeconds."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + spelled.get(loc[: i + 1], to_camel(part))
+    return out or "(document)"
+
+
+def parse_fleet_rollout(document: Any) -> tuple[FleetRolloutRequested | None, list[FieldError]]:
+    """Validate a fleet rollout as users write it (YAML/JSON, camelCase or python keys). Never raises.
+
+    The fields are FleetRolloutRequested's (rolloutId, clusterType, selector, patch, stages with name, selector,
+    soakSeconds and approval, maxInFlight, failureBudget); an optional `kind: FleetRollout` is allowed. Returns
+    the event payload or every problem, each named by its path as written.
+    """
+    if not isinstance(document, dict):
+        return None, [FieldError(field="(document)", message="must be a mapping (a fleet rollout)")]
+    doc = dict(document)
+    kind = doc.pop("kind", "FleetRollout")
+    errors: list[FieldError] = []
+    if kind != "FleetRollout":
+        errors.append(FieldError(field="kind", message=f"must be FleetRollout, not {kind!r}"))
+    spelled: dict[tuple[str | int, ...], str] = {}
+    data = _normalise(_json_safe(doc), _FLEET_NESTED, (), spelled, errors)
+    patch = data.get("patch")
+    if isinstance(patch, dict):
+        if not patch:
+            errors.append(FieldError(field=_spell(("patch",), spelled), message="is empty: nothing to roll out"))
+        for key in patch:
+            where = _spell(("patch",), spelled) + f".{key}"
+            if key in _UNPATCHABLE:
+                errors.append(FieldError(field=where, message="a fleet rollout may not change it"))
+            elif key not in _SPEC_FIELDS:
+                errors.append(FieldError(field=where, message="not a ClusterSet spec field"))
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        names = [s.get("name") for s in stages if isinstance(s, dict)]
+        for i, name in enumerate(names):
+            if name is not None and name in names[:i]:
+                errors.append(FieldError(field=_spell(("stages", i, "name"), spelled), message=f"{name!r} twice"))
+    try:
+        model = FleetRolloutRequested.model_validate(data)
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            errors.append(FieldError(field=_spell(tuple(e["loc"]), spelled), message=e["msg"]))
+        model = None
+    return (None, errors) if errors else (model, [])
+
+
+def load_fleet_rollout(path: str | Path) -> FleetRolloutRequested:
+    """Read and validate a fleet rollout file (- for stdin). Raises DocumentError or InvalidRequest."""
+    source = Path(path)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else source.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DocumentError(f"{source}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise DocumentError(f"{source}: not valid YAML or JSON: {exc}") from exc
+    if len(docs) != 1:
+        raise DocumentError(f"{source}: expected one fleet rollout document, found {len(docs)}")
+    model, errors = parse_fleet_rollout(docs[0])
+    if model is None:
+        raise InvalidRequest(f"fleet rollout {source}", errors)
+    return model
+
+
+def _intent(cls: type[Event], what: str, **fields: Any) -> Event:
+    """An intent event, or InvalidRequest naming every bad field (nothing is published then)."""
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        errors = [FieldError(field=_spell(tuple(e["loc"]), {}), message=e["msg"])
+                  for e in exc.errors(include_url=False)]  # fmt: skip
+        raise InvalidRequest(what, errors) from None
+
+
 def api_url_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
     """FLOTILLA_API_URL, else where the projector listens (0.0.0.0 is a bind address: use loopback)."""
     env = os.environ if environ is None else environ
@@ -239,8 +407,11 @@ class FlotillaClient:
 
         The core-NATS subscription is registered before the publish on the same connection, so the
         server knows it before the planner can possibly answer; JetStream-stored messages reach core
-        subscribers too. Returns None on timeout.
+        subscribers too. Returns None on timeout, and at once when there is nothing to wait for
+        (no answer types or wait_s <= 0): the intent is stored in CLUSTERSETS either way.
         """
+        if wait_s <= 0:
+            answer_types = []
         bus = await self._connect()
         await self._require_stream(bus, subjects.STREAM_CLUSTERSETS)
         loop = asyncio.get_running_loop()
@@ -263,6 +434,8 @@ class FlotillaClient:
                 await bus.publish(envelope)
             except Exception as exc:  # after retries: report it, don't dump a nats traceback on the user
                 raise FlotillaUnavailable(f"could not publish {envelope.type} to {self.nats_url}: {exc!r}") from exc
+            if not answer_types:
+                return None
             try:
                 return await asyncio.wait_for(answer, wait_s)
             except TimeoutError:
@@ -329,6 +502,48 @@ class FlotillaClient:
             return ApplyResult(accepted=True, name=name, event_id=env.id)
         return ApplyResult(accepted=False, name=name, errors=list(payload_as(answer, ClusterSetRejected).errors),
                            event_id=env.id)  # fmt: skip
+
+    async def _intent_request(self, payload: Event, answers: list[str], wait_s: float) -> RequestResult:
+        env = new_event(payload, source=SOURCE)
+        answer = await self._request(env, answers, wait_s)
+        return RequestResult(event_id=env.id, subject=payload.subject(), waited=wait_s > 0, answer=answer)
+
+    async def rollout_control(self, clusterset: str, action: str, *, rollout_id: str | None = None, reason: str = "",
+                              wait_s: float = 0) -> RequestResult:  # fmt: skip
+        """Pause, resume, abort or roll back the running rollout of a ClusterSet (only `rollout_id`, if given).
+
+        With wait_s > 0, waits that long for rotation's answer (e.g. RolloutPaused); without, returns once the
+        request is stored. Raises InvalidRequest (nothing published) for a bad action, name or reason.
+        """
+        payload = _intent(RolloutControlRequested, f"rollout {action} request", clusterset=clusterset, action=action,
+                          rollout_id=rollout_id or None, reason=reason)  # fmt: skip
+        return await self._intent_request(payload, ROLLOUT_ANSWERS.get(action, []), wait_s)
+
+    async def start_fleet_rollout(self, request: FleetRolloutRequested | Mapping[str, Any],
+                                  wait_s: float = 0) -> RequestResult:  # fmt: skip
+        """Start a fleet rollout: a FleetRolloutRequested, or a mapping as users write it (camelCase allowed).
+
+        With wait_s > 0, waits for FleetRolloutStarted or FleetRolloutRejected (see `RequestResult.answer`).
+        """
+        if not isinstance(request, FleetRolloutRequested):
+            model, errors = parse_fleet_rollout(request)
+            if model is None:
+                raise InvalidRequest("fleet rollout", errors)
+            request = model
+        return await self._intent_request(request, FLEET_ANSWERS["start"], wait_s)
+
+    async def approve_fleet_rollout(self, rollout_id: str, stage: str, approver: str = "",
+                                    wait_s: float = 0) -> RequestResult:  # fmt: skip
+        """Approve one stage of a fleet rollout that waits for approval."""
+        payload = _intent(FleetRolloutApproved, "approval", rollout_id=rollout_id, stage=stage, approver=approver)
+        return await self._intent_request(payload, FLEET_ANSWERS["approve"], wait_s)
+
+    async def fleet_rollout_control(self, rollout_id: str, action: str, reason: str = "",
+                                    wait_s: float = 0) -> RequestResult:  # fmt: skip
+        """Pause, resume or abort a fleet rollout."""
+        payload = _intent(FleetRolloutControlRequested, f"fleet rollout {action} request", rollout_id=rollout_id,
+                          action=action, reason=reason)  # fmt: skip
+        return await self._intent_request(payload, FLEET_ANSWERS.get(action, []), wait_s)
 
     async def watch_ready_events(
         self, cloud: str | None = None, region: str | None = None, cluster_type: str | None = None,
@@ -442,6 +657,23 @@ class FlotillaClient:
     async def cluster_events(self, cluster_id: str) -> list[dict[str, Any]]:
         body = await self._get(f"/v1/clusters/{cluster_id}/events")
         return body.get("items", []) if isinstance(body, dict) else list(body)
+
+    async def rollouts(self, kind: str | None = None, clusterset: str | None = None, state: str | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """ClusterSet and fleet rollouts (kind: clusterset or fleet), all pages; listings leave out long lists."""
+        if kind is not None and kind not in ROLLOUT_KINDS:
+            raise TypeError(f"unknown rollout kind {kind!r} (known: {', '.join(ROLLOUT_KINDS)})")
+        return await self._paged("/v1/rollouts", {"kind": kind, "clusterset": clusterset, "state": state},
+                                 limit=limit)  # fmt: skip
+
+    async def rollout(self, rollout_id: str, kind: str | None = None) -> dict[str, Any] | None:
+        """One rollout of either kind, in full; None when unknown."""
+        try:
+            return await self._get(f"/v1/rollouts/{rollout_id}", {"kind": kind})
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     async def discovery(self) -> Any:
         return await self._get("/v1/discovery")

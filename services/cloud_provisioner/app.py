@@ -6,11 +6,16 @@ perform that one action through the cluster's cloud driver, build the resulting 
 evolve it into the state and return both. The emitted event comes back through the stream
 and drives the next step.
 
+An in-place update (ClusterUpdateRequested) is one action: each of core.UPDATE_STEPS is converged
+through the driver's `update` (which creates nothing), then one ClusterResourcesUpdated reports the
+generation. ClusterProvisioned is consumed back only as the chain's continuation: an update that
+arrived while provisioning runs once the cluster is provisioned.
+
 Errors: a retryable `CloudError` (or anything unexpected) is raised, so the runtime naks
 with backoff, up to settings.cloud_max_deliver deliveries (hours, not seconds); then `on_exhausted` records
 ClusterProvisioningFailed(retryable=True). A terminal `CloudError` becomes
 ClusterProvisioningFailed(retryable=False) at once and the chain stops there; a later
-retirement still removes whatever exists, and a new request retries.
+retirement still removes whatever exists, and a new request (or the update asked again) retries.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.cloud_provisioner import core
-from services.cloud_provisioner.core import Adopt, Delete, EmitDeprovisioned, EmitProvisioned, Ensure
+from services.cloud_provisioner.core import Adopt, Delete, EmitDeprovisioned, EmitProvisioned, Ensure, Update
 from services.cloud_provisioner.core import ProvisionerState as State
 from services.cloud_provisioner.providers import ProviderRegistry, build_registry
 from services.cloud_provisioner.providers.base import CloudError, ClusterContext
 from shared.bus import Outcome, Subscription
 from shared.events import Envelope, new_event, subjects
 from shared.events.models import (
+    ClusterProvisioned,
     ClusterRequested,
     ClusterResourceDeprovisioned,
     ClusterResourceProvisioned,
     ClusterRetirementRequested,
+    ClusterUpdateRequested,
     Event,
     ProvisionStep,
 )
@@ -45,7 +52,8 @@ DURABLE = "cloud_provisioner"
 # Cloud operations are slow and throttled: many tries, with the runtime's backoff between them.
 MAX_DELIVER = 50
 CONSUMED: tuple[type[Event], ...] = (
-    ClusterRequested, ClusterRetirementRequested, ClusterResourceProvisioned, ClusterResourceDeprovisioned,
+    ClusterRequested, ClusterRetirementRequested, ClusterUpdateRequested, ClusterResourceProvisioned,
+    ClusterResourceDeprovisioned, ClusterProvisioned,
 )  # fmt: skip
 
 
@@ -94,7 +102,7 @@ class Provisioner:
                 raise
             log.warning("%s %s failed for good: %s", core.operation_of(action), core.step_of(action), exc,
                         extra={"cluster_id": after.cluster_id, "event_id": env.id})  # fmt: skip
-            payload = core.failed(after, action, exc.code, exc.message, retryable=False)
+            payload = core.failed(after, action, exc.code, exc.message, retryable=False, step=exc.step)
         out = new_event(payload, source=SERVICE, cause=env, discriminator=_discriminator(payload))
         return Outcome(state=core.evolve(after, out), events=[out])
 
@@ -134,11 +142,35 @@ class Provisioner:
             case Delete(step=step, resources=resources):
                 await self.providers.for_cloud(state.location.cloud).delete(step, context_of(state), resources)
                 return core.resource_deprovisioned(state, step)
+            case Update(steps=steps):
+                return await self._update(state, steps)
             case EmitProvisioned():
                 return core.provisioned(state)
             case EmitDeprovisioned():
                 return core.deprovisioned(state)
         raise AssertionError(f"unknown action {action!r}")
+
+    async def _update(self, state: State, steps: tuple[ProvisionStep, ...]) -> Event:
+        """Converge each step in place, in order (each sees what the earlier ones reported)."""
+        provider = self.providers.for_cloud(state.location.cloud)
+        resources = {k: dict(v) for k, v in state.resources.items()}
+        changed: list[ProvisionStep] = []
+        for step in steps:
+            if step not in resources:
+                continue
+            ctx = context_of(state.model_copy(update={"resources": resources}))
+            try:
+                updated = await provider.update(step, ctx)
+            except CloudError as exc:
+                exc.step = exc.step or step  # for the failure event: which step the update stopped at
+                raise
+            resources[step] = dict(updated.resources)
+            if updated.changed:
+                changed.append(step)
+        log.info("updated %s in place to generation %s: %s", state.cluster_id,
+                 state.pending_update.generation if state.pending_update else None, changed or "nothing to change",
+                 extra={"cluster_id": state.cluster_id})  # fmt: skip
+        return core.resources_updated(state, resources, changed)
 
     # ------------------------------------------------------------------ racing a retirement
     def _remember(self, event_id: str, performed: _Performed) -> None:
@@ -167,7 +199,8 @@ class Provisioner:
 def _discriminator(payload: Event) -> str:
     step = getattr(payload, "step", None)
     operation = getattr(payload, "operation", None)
-    return ":".join(str(x) for x in (operation, step) if x is not None)
+    generation = getattr(payload, "generation", None)  # ClusterResourcesUpdated: one per generation
+    return ":".join(str(x) for x in (operation, step, generation) if x is not None)
 
 
 _REASON = re.compile(r"\[([A-Za-z0-9_.:-]+)\] ?(.*)", re.S)

@@ -27,6 +27,17 @@ Guards that keep duplicates and late events harmless:
 - A sweep without a spec cannot tell a bring-your-own network from ours, and needs not:
   deletes by tag only find resources tagged with this cluster's id, which an adopted network
   never is (we never tag what we do not create).
+
+In-place updates (ClusterUpdateRequested, issue 5): an update with a higher generation than the
+spec we hold replaces the spec and leaves a pending update. Provisioning still running goes on
+with the new spec; once the cluster is provisioned (ClusterProvisioned emitted, and consumed back
+as the chain's continuation) `next_action` returns `Update`, which converges the in-place steps
+(node pools, tags) through the driver without creating anything and reports
+ClusterResourcesUpdated(generation), which clears the pending update. A newer update supersedes a
+pending one (the update converges to the newest spec and reports the newest generation); an older
+or repeated one is ignored, and so is any update of a retired cluster or of one never requested.
+A failed update is retried by the same update asked for again (a later envelope), or superseded
+by a newer one.
 """
 
 from __future__ import annotations
@@ -46,14 +57,20 @@ from shared.events.models import (
     ClusterRequested,
     ClusterResourceDeprovisioned,
     ClusterResourceProvisioned,
+    ClusterResourcesUpdated,
     ClusterRetirementRequested,
+    ClusterUpdateRequested,
     Event,
     NetworkInfo,
     ProvisionStep,
 )
 
 Target = Literal["present", "absent"]
-Operation = Literal["provision", "deprovision"]
+Operation = Literal["provision", "deprovision", "update"]
+# The steps an in-place update asks the driver to converge, in this order. What each can change in place
+# (node pool scaling, labels and taints; tags) is the driver's knowledge: it leaves the rest alone, and
+# the planner sends a rotation, not an update, for changes only new clusters can have.
+UPDATE_STEPS: tuple[ProvisionStep, ...] = PROVISION_STEPS
 
 
 class Failure(BaseModel):
@@ -66,6 +83,15 @@ class Failure(BaseModel):
     at: datetime  # when it was recorded: only a request made after it retries
 
 
+class PendingUpdate(BaseModel):
+    """An in-place update recorded but not yet applied to the cloud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    generation: int
+    config_hash: str
+    changes: list[str] = []
+
+
 class ProvisionerState(BaseModel):
     """What the provisioner knows about one cluster."""
 
@@ -75,6 +101,10 @@ class ProvisionerState(BaseModel):
     clusterset: str
     location: Location
     spec: ClusterSpec | None = None  # None: retired before any request was recorded
+    # The ClusterSet generation and config hash `spec` comes from (the request's, then each newer update's).
+    generation: int = 0
+    config_hash: str = ""
+    pending_update: PendingUpdate | None = None
     target: Target = "present"
     # Steps whose resources exist (ensured and not deleted since), with what the step reported.
     resources: dict[ProvisionStep, dict[str, Any]] = {}
@@ -122,14 +152,25 @@ class EmitProvisioned:
 
 
 @dataclass(frozen=True)
+class Update:
+    """Converge the existing resources of `steps` to the spec in place (creating nothing), then report
+    ClusterResourcesUpdated for `generation`."""
+
+    generation: int
+    steps: tuple[ProvisionStep, ...] = UPDATE_STEPS
+
+
+@dataclass(frozen=True)
 class EmitDeprovisioned:
     pass
 
 
-Action = Ensure | Adopt | Delete | EmitProvisioned | EmitDeprovisioned
+Action = Ensure | Adopt | Delete | EmitProvisioned | EmitDeprovisioned | Update
 
 
 def operation_of(action: Action) -> Operation:
+    if isinstance(action, Update):
+        return "update"
     return "deprovision" if isinstance(action, Delete | EmitDeprovisioned) else "provision"
 
 
@@ -165,7 +206,7 @@ def _apply(state: ProvisionerState | None, event: Event, env: Envelope) -> Provi
             if state is None:
                 return ProvisionerState(
                     cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location,
-                    spec=event.spec,
+                    spec=event.spec, generation=event.generation, config_hash=event.config_hash,
                 )  # fmt: skip
             if state.target == "present" and state.spec is not None and _retries(state.failure, "provision", env):
                 return state.model_copy(update={"failure": None})  # asked again: retry the failed step
@@ -206,6 +247,16 @@ def _apply(state: ProvisionerState | None, event: Event, env: Envelope) -> Provi
                     "deleted": [*state.deleted, event.step],
                 }
             )
+        case ClusterUpdateRequested():
+            return _update_requested(state, event, env)
+        case ClusterResourcesUpdated():
+            if state is None or state.target != "present":
+                return state  # a late report after the retirement: the resources are being deleted
+            still = state.pending_update
+            if still is not None and event.generation >= still.generation:
+                still = None
+            reported = {step: dict(event.resources[step]) for step in state.resources if step in event.resources}
+            return state.model_copy(update={"resources": {**state.resources, **reported}, "pending_update": still})
         case ClusterProvisioned():
             return state if state is None else state.model_copy(update={"provisioned": True})
         case ClusterDeprovisioned():
@@ -217,6 +268,24 @@ def _apply(state: ProvisionerState | None, event: Event, env: Envelope) -> Provi
                               message=event.message, retryable=event.retryable, at=env.time)  # fmt: skip
             return state.model_copy(update={"failure": failure})
     return state  # any other event type does not concern the provisioner
+
+
+def _update_requested(state: ProvisionerState | None, event: ClusterUpdateRequested, env: Envelope
+                      ) -> ProvisionerState | None:  # fmt: skip
+    # Unknown (its request not seen: nothing to update, the request brings the spec) or retired: ignored.
+    if state is None or state.target != "present" or state.spec is None:
+        return state
+    if event.generation > state.generation:
+        # A new update clears the failure of an older one; a provisioning failure stays (a new request retries).
+        failure = None if state.failure is not None and state.failure.operation == "update" else state.failure
+        pending = PendingUpdate(generation=event.generation, config_hash=event.config_hash, changes=event.changes)
+        return state.model_copy(update={"spec": event.spec, "generation": event.generation,
+                                        "config_hash": event.config_hash, "pending_update": pending,
+                                        "failure": failure})  # fmt: skip
+    if event.generation == state.generation and state.pending_update is not None \
+            and _retries(state.failure, "update", env):  # fmt: skip
+        return state.model_copy(update={"failure": None})  # the same update asked again: retry it
+    return state  # older or repeated
 
 
 def evolve(state: ProvisionerState | None, env: Envelope) -> ProvisionerState | None:
@@ -260,7 +329,9 @@ def next_action(state: ProvisionerState | None) -> Action | None:
                 if step == "network" and state.byon():
                     return Adopt(step, byon_network(state.spec))
                 return Ensure(step)
-        return None if state.provisioned else EmitProvisioned()
+        if not state.provisioned:
+            return EmitProvisioned()
+        return None if state.pending_update is None else Update(state.pending_update.generation)
     if state.failure is not None and state.failure.operation == "deprovision":
         return None
     for step in reversed(PROVISION_STEPS):
@@ -311,9 +382,20 @@ def deprovisioned(state: ProvisionerState) -> ClusterDeprovisioned:
     return ClusterDeprovisioned(**_ids(state))
 
 
-def failed(state: ProvisionerState, action: Action, code: str, message: str, retryable: bool
-           ) -> ClusterProvisioningFailed:  # fmt: skip
+def resources_updated(state: ProvisionerState, resources: dict[ProvisionStep, dict[str, Any]],
+                      changed: list[ProvisionStep]) -> ClusterResourcesUpdated:  # fmt: skip
+    pending = state.pending_update
+    assert pending is not None, "an update is reported only while one is pending"
+    return ClusterResourcesUpdated(
+        **_ids(state), generation=pending.generation, config_hash=pending.config_hash,
+        resources={step: dict(resources[step]) for step in PROVISION_STEPS if step in resources}, changed=list(changed),
+    )  # fmt: skip
+
+
+def failed(state: ProvisionerState, action: Action, code: str, message: str, retryable: bool,
+           step: ProvisionStep | None = None) -> ClusterProvisioningFailed:  # fmt: skip
+    """`step`: which step failed, when the action covers several (an update)."""
     return ClusterProvisioningFailed(
-        **_ids(state), operation=operation_of(action), step=step_of(action), code=code, message=message[:1000],
-        retryable=retryable,
+        **_ids(state), operation=operation_of(action), step=step_of(action) or step, code=code,
+        message=message[:1000], retryable=retryable,
     )  # fmt: skip

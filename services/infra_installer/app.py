@@ -1,13 +1,18 @@
 """The installer's shell: FLEET subscription -> core -> KubernetesTarget -> Outcome.
 
 One durable consumer ("infra_installer") on FLEET takes the events `core.evolve` folds
-(ClusterRequested, ClusterProvisioned, its own InfraServiceInstalled, ClusterRetirementRequested).
+(ClusterRequested, ClusterProvisioned, its own InfraServiceInstalled, ClusterRetirementRequested,
+ClusterUpdateRequested, ClusterResourcesUpdated, ClusterDrainRequested ...).
 Per message the handler evolves the state with the event, asks `core.next_action`, performs
 at most one install through the port and returns the new state with the emitted event
 already evolved in. The runtime commits state + ledger + outbox atomically and publishes.
 
 A failing install raises: the runtime naks with backoff and retries the same message; after
 the last attempt `on_exhausted` records `ClusterInfraFailed(retryable=True)`.
+
+Drains never hold a message: a ClusterDrainRequested runs the first pass and is acked; the periodic
+pass (`reconcile_loop`) comes back with a local "drain" nudge every `drain_interval` until the drain is
+answered. A pass that fails is logged and tried again at the next nudge (a deadline still answers).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,16 +34,19 @@ from services.infra_installer.bundles.render import render_bundle
 from services.infra_installer.core import EmitReady, Fail, Install, InstallerState, Remove
 from services.infra_installer.credentials import ClusterCredentials
 from services.infra_installer.secret_refs import resolve_secret_ref
-from services.infra_installer.targets.base import ClusterRef, InstallError, KubernetesTarget
+from services.infra_installer.targets.base import ClusterRef, DrainReport, InstallError, KubernetesTarget
 from services.infra_installer.targets.kubernetes import KubernetesApiTarget
 from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.bus import IdempotentConsumer, Outcome, Subscription
 from shared.catalog import read_custom_defs, register_custom
 from shared.config import Settings
-from shared.events import Envelope, decode_payload, derive_id, new_event, subjects
+from shared.events import Envelope, decode_payload, derive_id, new_event, subjects, utcnow
 from shared.events.models import (
+    ClusterDrained,
+    ClusterDrainRequested,
     ClusterProvisioned,
     ClusterRequested,
+    ClusterResourcesUpdated,
     ClusterRetirementRequested,
     ClusterUpdateRequested,
     Event,
@@ -53,11 +62,14 @@ SERVICE = "infra_installer"
 DURABLE = "infra_installer"
 # Our own InfraServiceInstalled / InfraServiceRemoved come back to advance the chain one step each.
 CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled,
-                                     ClusterRetirementRequested, ClusterUpdateRequested,
-                                     InfraServiceRemoved)  # fmt: skip
+                                     ClusterRetirementRequested, ClusterUpdateRequested, InfraServiceRemoved,
+                                     ClusterResourcesUpdated, ClusterDrainRequested)  # fmt: skip
 # How long one service may take to become healthy before the attempt fails (and is retried).
 # Must stay well below Settings.handler_timeout_s, which bounds the whole handler.
 DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].default
+# How often a drain in progress gets its next pass, at most (the reconcile interval when that is shorter):
+# often enough that a drain ends soon after its budgets allow and times out close to its deadline.
+DRAIN_POLL_S = 10.0
 
 
 def cluster_ref(state: InstallerState, registry_secret_ref: str | None = None) -> ClusterRef:
@@ -73,21 +85,25 @@ def cluster_ref(state: InstallerState, registry_secret_ref: str | None = None) -
 
 class Installer:
     def __init__(self, target: KubernetesTarget, health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
-                 registry_secret_ref: str | None = None) -> None:  # fmt: skip
+                 registry_secret_ref: str | None = None, clock: Callable[[], datetime] = utcnow) -> None:  # fmt: skip
         self.target = target
         self.health_timeout_s = health_timeout_s
         self.registry_secret_ref = registry_secret_ref
+        self.clock = clock  # drain deadlines are judged by it
 
     def ref(self, state: InstallerState) -> ClusterRef:
         return cluster_ref(state, self.registry_secret_ref)
 
     async def handle(self, env: Envelope, state: InstallerState | None) -> Outcome[InstallerState]:
         event = decode_payload(env)
-        state = core.evolve(state, event)
+        state = core.evolve(state, event, env)
         if state is None:
             return Outcome()
         if isinstance(event, InfraReconcileRequested) and event.reason == "drift":
             return await self._correct_drift(env, state)
+        if isinstance(event, ClusterDrainRequested) or (isinstance(event, InfraReconcileRequested)
+                                                        and event.reason == "drain"):  # fmt: skip
+            return await self._drain(env, state)
         action = core.next_action(state)
         emitted: Event | None = None
         match action:
@@ -138,6 +154,28 @@ class Installer:
                                         discriminator=svc.name))  # fmt: skip
         return Outcome(state=state, events=events)
 
+    async def _drain(self, env: Envelope, state: InstallerState) -> Outcome[InstallerState]:
+        """One drain pass (or none, for a cluster drained already), and the answers it settles."""
+        action = core.drain_action(state)
+        if action is None:
+            return Outcome(state=state)
+        report: DrainReport | None = DrainReport(evicted=0, remaining=0)  # drained already: nothing to do
+        if isinstance(action, core.DrainPass):
+            try:
+                report = await self.target.drain(self.ref(state))
+            except Exception as exc:  # never hold the message: the next nudge tries again
+                log.warning("drain pass on %s failed: %s", state.cluster_id, exc,
+                            extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
+                report = None
+        state, answers = core.settle_drain(state, report, self.clock())
+        events = []
+        for answer in answers:
+            log.info("drain of %s answered: timed_out=%s evicted=%d remaining=%d", state.cluster_id,
+                     answer.event.timed_out, answer.event.evicted, answer.event.remaining,
+                     extra={"cluster_id": state.cluster_id, "event_id": answer.request.id})  # fmt: skip
+            events.append(drained_envelope(answer))
+        return Outcome(state=state, events=events)
+
     async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str,
                            error: BaseException | None = None) -> Outcome[InstallerState]:  # fmt: skip
         """Every attempt failed: record ClusterInfraFailed for the service that was being installed.
@@ -146,7 +184,7 @@ class Installer:
         records nothing.
         """
         try:
-            state = core.evolve(state, decode_payload(env))
+            state = core.evolve(state, decode_payload(env), env)
         except (KeyError, ValidationError):
             return Outcome()
         action = core.next_action(state)
@@ -159,6 +197,13 @@ class Installer:
         log.error("giving up installing %s on %s: %s", action.service.name, state.cluster_id, reason,
                   extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
         return Outcome(state=core.evolve(state, failed), events=[out])
+
+
+def drained_envelope(answer: core.DrainAnswer) -> Envelope:
+    """The one ClusterDrained of a drain request: its id derives from the request's, whichever pass answers it."""
+    request = answer.request
+    env = new_event(answer.event, source=SERVICE, event_id=derive_id(request.id, ClusterDrained.type_name()))
+    return env.model_copy(update=dict(causation_id=request.id, correlation_id=request.correlation_id))
 
 
 def filter_subjects() -> list[str]:
@@ -217,27 +262,36 @@ def build_subscriptions(
 
 
 def reconcile_reason(state: InstallerState) -> str | None:
-    """Why the periodic pass nudges this cluster: a retryable failure to retry, or a READY one to check."""
+    """Why the periodic pass nudges this cluster: a drain in progress to continue, a retryable failure to retry,
+    or a READY one to check for drift."""
     if state.retired:
         return None
+    if core.drain_action(state) is not None:
+        return "drain"
     if state.failure is not None and state.failure.retryable:
         return "retry"
-    return "drift" if state.ready else None
+    return "drift" if state.ready and not core.draining(state) else None
 
 
-async def reconcile_pass(ctx: ServiceContext, consumer: IdempotentConsumer[InstallerState], bucket: int) -> int:
-    """One pass: failures first, then READY clusters, at most `installer_reconcile_batch` of them.
+RECONCILE_REASONS = ("retry", "drift")
 
-    Nudges are handled locally (never published) with an id per cluster and time bucket, so two
+
+async def reconcile_pass(ctx: ServiceContext, consumer: IdempotentConsumer[InstallerState], bucket: int,
+                         reasons: Collection[str] = RECONCILE_REASONS) -> int:  # fmt: skip
+    """One pass over the clusters that need a nudge for one of `reasons`: drains first, then failures, then
+    READY clusters, at most `installer_reconcile_batch` of them.
+
+    Nudges are handled locally (never published) with an id per cluster, time bucket and reason, so two
     replicas running the same pass do each cluster's work once."""
+    priority = {"drain": 0, "retry": 1, "drift": 2}
     due: list[tuple[int, str, InstallerState, str]] = []
     for key in await ctx.store.keys():
         state, _ = await ctx.store.load(key, InstallerState)
         reason = reconcile_reason(state) if state else None
-        if state and reason:
+        if state and reason and reason in reasons:
             # Spread drift checks over passes: a different order every bucket.
             order = zlib.crc32(f"{key}:{bucket}".encode()) & 0xFFFF
-            due.append((0 if reason == "retry" else 1, f"{order:05d}{key}", state, reason))
+            due.append((priority[reason], f"{order:05d}{key}", state, reason))
     due.sort(key=lambda d: (d[0], d[1]))
     for _, _, state, reason in due[: ctx.settings.installer_reconcile_batch]:
         nudge = InfraReconcileRequested(cluster_id=state.cluster_id, clusterset=state.clusterset,
@@ -251,11 +305,22 @@ async def reconcile_pass(ctx: ServiceContext, consumer: IdempotentConsumer[Insta
     return min(len(due), ctx.settings.installer_reconcile_batch)
 
 
+def drain_interval(settings: Settings) -> float:
+    return min(settings.installer_reconcile_interval_s, DRAIN_POLL_S)
+
+
 async def reconcile_loop(ctx: ServiceContext, consumers: Sequence[IdempotentConsumer[Any]]) -> None:
+    """Drains in progress every `drain_interval`; retries and drift checks every reconcile interval."""
     interval = ctx.settings.installer_reconcile_interval_s
+    every = drain_interval(ctx.settings)
+    last = int(time.time() // interval)
     while True:
-        await asyncio.sleep(interval)
-        await reconcile_pass(ctx, consumers[0], int(time.time() // interval))
+        await asyncio.sleep(every)
+        now = time.time()
+        await reconcile_pass(ctx, consumers[0], int(now // every), reasons=("drain",))
+        if int(now // interval) != last:
+            last = int(now // interval)
+            await reconcile_pass(ctx, consumers[0], last)
 
 
 SPEC = ServiceSpec(name=SERVICE, subscriptions=lambda ctx: build_subscriptions(ctx), background=[reconcile_loop])

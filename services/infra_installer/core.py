@@ -7,24 +7,46 @@ installs at most one service and emits `InfraServiceInstalled`, and that event, 
 again, advances the chain. A crash therefore resumes at the next service. After the last
 service (or at once when none are listed) it emits `ClusterReady`. Retirement stops
 everything, and a recorded failure (`ClusterInfraFailed`) stops the chain.
+
+In-place updates: `ClusterUpdateRequested` (generation G) re-applies the services for the new spec at
+once, but `ClusterReady` waits until the cloud side is done too, i.e. until `ClusterResourcesUpdated`
+with a generation >= G has been seen (the two arrive in either order). New provisioning results
+replace the old ones per step; when they change what bundles render from, every service is
+re-applied.
+
+Drains: `ClusterDrainRequested` records a request (deadline = the event's time + its timeout). While
+any request is open, `drain_action` asks for a pass through the port (cordon, evict what the
+disruption budgets allow) and `settle_drain` folds its report in: nothing left to evict answers every
+open request with `ClusterDrained`; a request whose deadline passed with pods left is answered
+`timed_out=True` (nothing is ever forced); the others wait for the next pass (the service's periodic
+pass comes back). Each request is answered exactly once. A drained cluster is not drained again (a
+new request is answered at once), and a retired one is not drained at all. Drain progress comes
+from the port's reports, not from events, so it is the one part of the state a replay of FLEET alone
+does not rebuild (the answers themselves are in FLEET, with ids derived from their requests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.infra_installer.drain_plan import DrainReport
 from shared.catalog import install_order, known_services
 from shared.events.clusterset import ClusterSpec, InfraServiceRef, Location
+from shared.events.envelope import Envelope
 from shared.events.models import (
+    ClusterDrained,
+    ClusterDrainRequested,
     ClusterEvent,
     ClusterInfraFailed,
     ClusterProvisioned,
     ClusterReady,
     ClusterRequested,
+    ClusterResourcesUpdated,
     ClusterRetirementRequested,
     ClusterUpdateRequested,
     Event,
@@ -40,6 +62,28 @@ class InfraFailure(BaseModel):
     service: str
     reason: str
     retryable: bool
+
+
+# How many answered drain requests a cluster remembers (a redelivery of one of them answers nothing).
+ANSWERED_KEPT = 50
+
+
+class DrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str  # the ClusterDrainRequested event id: its ClusterDrained's id derives from it
+    correlation_id: str
+    rollout_id: str | None = None
+    requested_at: datetime
+    deadline: datetime
+
+
+class DrainState(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pending: list[DrainRequest] = Field(default_factory=list)  # not answered yet
+    answered: list[str] = Field(default_factory=list)  # ids of answered requests, newest last
+    drained: bool = False  # a drain finished: nothing left to evict
+    evicted: int = 0  # pods evicted by this cluster's drains, all passes
+    remaining: int | None = None  # pods left after the last pass that got through (None: none did)
 
 
 class InstallerState(BaseModel):
@@ -66,9 +110,14 @@ class InstallerState(BaseModel):
     installed: dict[str, str] = Field(default_factory=dict)
     # ... and the config hash each was rendered from (bundles depend on values, node pools, version).
     installed_for: dict[str, str] = Field(default_factory=dict)
+    # In-place updates: the generation of the last ClusterUpdateRequested applied, and the newest generation
+    # whose cloud side is done (ClusterResourcesUpdated). READY waits while the first is ahead.
+    update_generation: int = 0
+    resources_generation: int = 0
     ready: bool = False
     failure: InfraFailure | None = None
     retired: bool = False
+    drain: DrainState = Field(default_factory=DrainState)
 
 
 @dataclass(frozen=True)
@@ -112,7 +161,7 @@ Action = Install | Remove | EmitReady | Fail | None
 # Events this core understands; anything else leaves the state as it is.
 HANDLED = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled, ClusterReady, ClusterInfraFailed,
            ClusterRetirementRequested, ClusterUpdateRequested, InfraServiceRemoved, InfraReconcileRequested,
-           InfraDriftCorrected)  # fmt: skip
+           InfraDriftCorrected, ClusterResourcesUpdated, ClusterDrainRequested)  # fmt: skip
 
 
 # ---------------------------------------------------------------- plan
@@ -141,8 +190,10 @@ def _initial(event: ClusterEvent) -> InstallerState:
     return InstallerState(cluster_id=event.cluster_id, clusterset=event.clusterset, location=event.location)
 
 
-def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
-    """Fold one event into the state. Idempotent: applying an event twice equals applying it once."""
+def evolve(state: InstallerState | None, event: Event, env: Envelope | None = None) -> InstallerState | None:
+    """Fold one event into the state. Idempotent: applying an event twice equals applying it once.
+
+    `env` is the event's envelope: a drain request needs its id and time (every other event folds without)."""
     if not isinstance(event, HANDLED):
         return state
     assert isinstance(event, ClusterEvent)
@@ -159,7 +210,20 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
             if event.generation <= state.generation:
                 return state
             return state.model_copy(update=dict(generation=event.generation, config_hash=event.config_hash,
-                                                spec=event.spec, ready=False, failure=None))  # fmt: skip
+                                                spec=event.spec, update_generation=event.generation, ready=False,
+                                                failure=None))  # fmt: skip
+        case ClusterResourcesUpdated():
+            if event.generation <= state.resources_generation:
+                return state
+            resources = {**state.resources, **event.resources}
+            upd: dict[str, Any] = dict(resources_generation=event.generation, resources=resources)
+            if resources != state.resources:
+                upd["installed_for"] = {}  # bundles render from these: apply every service again
+            return state.model_copy(update=upd)
+        case ClusterDrainRequested():
+            if env is None:
+                raise ValueError("a drain request is folded with its envelope (its id and time)")
+            return _request_drain(state, event, env)
         case InfraServiceRemoved():
             return state.model_copy(update=dict(
                 installed={k: v for k, v in state.installed.items() if k != event.service},
@@ -169,10 +233,12 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
                 return state.model_copy(update=dict(failure=None))
             return state
         case ClusterProvisioned():
+            # A late copy must not undo what an in-place update changed since.
+            resources = {**event.resources, **state.resources} if state.resources_generation else event.resources
             return state.model_copy(update=dict(provisioned=True, endpoint=event.endpoint,
                                                 credential_ref=event.credential_ref,
                                                 ca_fingerprint=event.ca_fingerprint,
-                                                resources=event.resources))  # fmt: skip
+                                                resources=resources))  # fmt: skip
         case InfraServiceInstalled():
             return state.model_copy(update=dict(installed={**state.installed, event.service: event.version},
                                                 installed_for={**state.installed_for,
@@ -185,6 +251,16 @@ def evolve(state: InstallerState | None, event: Event) -> InstallerState | None:
         case ClusterRetirementRequested():
             return state.model_copy(update=dict(retired=True))
     return state
+
+
+def _request_drain(state: InstallerState, event: ClusterDrainRequested, env: Envelope) -> InstallerState:
+    drain = state.drain
+    if state.retired or env.id in drain.answered or any(r.id == env.id for r in drain.pending):
+        return state
+    request = DrainRequest(id=env.id, correlation_id=env.correlation_id, rollout_id=event.rollout_id,
+                           requested_at=env.time,
+                           deadline=env.time + timedelta(seconds=event.timeout_seconds))  # fmt: skip
+    return state.model_copy(update=dict(drain=drain.model_copy(update=dict(pending=[*drain.pending, request]))))
 
 
 def replay(events: Iterable[Event], state: InstallerState | None = None) -> InstallerState | None:
@@ -217,15 +293,70 @@ def next_action(state: InstallerState | None) -> Action:
             return Remove(name, state.installed[name])
     for name in sorted(set(state.installed) - wanted - set(catalog)):
         return Remove(name, state.installed[name])
+    if state.update_generation > state.resources_generation:
+        return None  # the cloud side of the in-place update is not done yet: ClusterResourcesUpdated comes back
     return EmitReady(tuple(services))
 
 
 def drift_check(state: InstallerState | None) -> list[PlannedService]:
-    """The services whose objects a drift check compares: only on a READY, live cluster."""
-    if state is None or state.retired or not state.ready or state.spec is None:
+    """The services whose objects a drift check compares: only on a READY, live cluster that is not drained."""
+    if state is None or state.retired or not state.ready or state.spec is None or draining(state):
         return []
     services, _ = plan(state.spec)
     return [s for s in services if state.installed.get(s.name) == s.version]
+
+
+# ---------------------------------------------------------------- drains
+@dataclass(frozen=True)
+class DrainPass:
+    """Run one drain pass through the port, then settle_drain with its report."""
+
+
+@dataclass(frozen=True)
+class AnswerDrains:
+    """The cluster is drained already: answer the open requests without touching it."""
+
+
+@dataclass(frozen=True)
+class DrainAnswer:
+    request: DrainRequest
+    event: ClusterDrained
+
+
+def draining(state: InstallerState) -> bool:
+    """A drain is open or done: the cluster is on its way out (no drift checks)."""
+    return bool(state.drain.pending) or state.drain.drained
+
+
+def drain_action(state: InstallerState | None) -> DrainPass | AnswerDrains | None:
+    if state is None or state.retired or not state.drain.pending:
+        return None
+    return AnswerDrains() if state.drain.drained else DrainPass()
+
+
+def settle_drain(state: InstallerState, report: DrainReport | None, now: datetime
+                 ) -> tuple[InstallerState, list[DrainAnswer]]:  # fmt: skip
+    """Fold a pass's report in (None: the pass failed) and answer the requests it settles.
+
+    Nothing left: every open request is answered. Otherwise only those past their deadline, as timed out
+    with the pods left (as of the last pass that got through)."""
+    drain = state.drain
+    evicted = drain.evicted + (report.evicted if report else 0)
+    remaining = report.remaining if report else drain.remaining
+    done = report is not None and report.done
+    answers, still = [], []
+    for request in drain.pending:
+        if done or now >= request.deadline:
+            event = ClusterDrained(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                                   rollout_id=request.rollout_id, timed_out=not done, evicted=evicted,
+                                   remaining=0 if done else remaining or 0)  # fmt: skip
+            answers.append(DrainAnswer(request, event))
+        else:
+            still.append(request)
+    answered = [*drain.answered, *(a.request.id for a in answers)][-ANSWERED_KEPT:]
+    new = drain.model_copy(update=dict(pending=still, answered=answered, drained=drain.drained or done,
+                                       evicted=evicted, remaining=remaining))  # fmt: skip
+    return state.model_copy(update=dict(drain=new)), answers
 
 
 # ---------------------------------------------------------------- event payloads

@@ -13,15 +13,24 @@ from shared.events import (
     ClusterInfraFailed,
     ClusterProvisioningFailed,
     ClusterReady,
+    ClusterRequested,
+    ClusterRetirementRequested,
     ClusterSetApplied,
+    ClusterSetPatchRequested,
     Envelope,
+    RolloutAborted,
+    RolloutCompleted,
+    RolloutRolledBack,
     subjects,
 )  # fmt: skip
 from shared.service import ServiceContext, ServiceSpec
 
-# The facts that change which clusters are safest to retire (and when a member is gone). Kept few:
-# each one loads and stores the whole set's state.
-FACTS = (ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned)
+# The facts that change which clusters are safest to retire, when a member is gone, let an in-place update
+# move on, or end a rotation (which creates and retires clusters itself). Kept few: each one loads and stores
+# the whole set's state. A fleet rollout's patch arrives as a fact too.
+FACTS = (ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned, ClusterRequested,
+         ClusterRetirementRequested, RolloutCompleted, RolloutAborted, RolloutRolledBack,
+         ClusterSetPatchRequested)  # fmt: skip
 
 
 def intent_key(env: Envelope) -> str:

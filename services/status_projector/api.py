@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
 from services.status_projector import render, schemas
+from services.status_projector import rollouts as ro
 from services.status_projector.projector import Projector
 from services.status_projector.store import (
     CursorError,
@@ -111,6 +112,7 @@ Reader = Annotated[ViewReader, Depends(_reader)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size (1..1000)")]
 Cursor = Annotated[str | None, Query(max_length=1024, description="`next` of the previous page")]
 Continue = Annotated[str | None, Query(alias="continue", max_length=1024, description="alias of cursor")]
+_SET_FILTER = "rollouts of this ClusterSet, and the fleet rollouts that cover it"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.ErrorBody, "description": "unknown id"},
     422: {"model": schemas.ErrorBody, "description": "invalid query parameter"},
@@ -144,7 +146,7 @@ def create_app(
     app = FastAPI(
         title="Flotilla status API",
         version="1",
-        description="Read models of the fleet (cluster sets, clusters, their history) and cluster discovery.",
+        description="Read models of the fleet (cluster sets, clusters, rollouts, their history) and cluster discovery.",
         lifespan=lifespan,
         default_response_class=JSON,
     )
@@ -163,7 +165,7 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSON:
-        error = {404: "not found", 405: "method not allowed"}.get(exc.status_code, "error")
+        error = {404: "not found", 405: "method not allowed", 409: "conflict"}.get(exc.status_code, "error")
         return _error(exc.status_code, error, str(exc.detail))
 
     # ------------------------------------------------------------------ health
@@ -310,6 +312,48 @@ def create_app(
         ids, last = page_after(await views.cluster_ids({k: v for k, v in filters.items() if v}), after, limit)
         items = [render.discovery_entry(d) for d in await views.clusters(ids) if d.get("state") == "READY"]
         return JSON({"items": items, "next": encode_cursor("d", last) if last else None})
+
+    # ------------------------------------------------------------------ rollouts
+    @app.get("/v1/rollouts", responses={200: {"model": schemas.RolloutPage}, **_ERRORS}, tags=["rollouts"],
+             dependencies=[only_params("kind", "clusterset", "state", "limit", "cursor", "continue")])  # fmt: skip
+    async def list_rollouts(
+        views: Reader,
+        kind: Annotated[schemas.RolloutKindName | None, Query(description="clusterset or fleet")] = None,
+        clusterset: Annotated[str | None, Query(pattern=SET_NAME, max_length=58, description=_SET_FILTER)] = None,
+        state: Annotated[schemas.RolloutStateName | None, Query()] = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        continue_: Continue = None,
+    ) -> JSON:  # fmt: skip
+        """ClusterSet rollouts and fleet rollouts (told apart by `kind`), sorted by id, paginated.
+
+        Listings leave out the long lists (timeline, per-set entries, cluster ids): GET /v1/rollouts/{id} has them.
+        """
+        filters = {"kind": ro.KINDS[kind] if kind else None, "clusterset": clusterset, "state": state}
+        after = _decode(_cursor(cursor, continue_), "r")
+        members, last = page_after(await views.rollout_members({k: v for k, v in filters.items() if v}), after,
+                                   limit)  # fmt: skip
+        items = [render.rollout_listing(d) for d in await views.rollouts(members)]
+        return JSON({"items": items, "next": encode_cursor("r", last) if last else None})
+
+    @app.get("/v1/rollouts/{rollout_id}",
+             responses={200: {"model": schemas.RolloutDetail}, 409: {"model": schemas.ErrorBody,
+                                                                     "description": "the id names both kinds"},
+                        **_ERRORS},
+             tags=["rollouts"], dependencies=[only_params("kind")])  # fmt: skip
+    async def get_rollout(
+        views: Reader,
+        rollout_id: Annotated[str, Path(max_length=256)],
+        kind: Annotated[schemas.RolloutKindName | None, Query(description="only needed if the id names both")] = None,
+    ) -> JSON:
+        """One rollout, either kind: state, progress, timeline, and the clusters (or ClusterSets) it covers."""
+        docs = await views.rollout(rollout_id, [ro.KINDS[kind]] if kind else list(ro.KINDS.values()))
+        if not docs:
+            raise _not_found(f"rollout {rollout_id!r}")
+        if len(docs) > 1:
+            raise HTTPException(status_code=409, detail=f"{rollout_id!r} names a clusterset rollout and a fleet "
+                                                        "rollout: add ?kind=clusterset or ?kind=fleet")  # fmt: skip
+        return JSON(docs[0])
 
     return app
 

@@ -12,27 +12,32 @@ Cluster state machine (ARCHITECTURE.md), with guards:
 - once retiring (retirement requested or a resource deprovisioned) or DELETED, provisioning,
   install, update and drain facts no longer change the cluster; DELETED is final;
 - a failure records {code, message, retryable, step/service, operation, fromState}; a later
-  success (e.g. ClusterReady after a retryable failure) clears it.
+  success (e.g. ClusterReady after a retryable failure, ClusterResourcesUpdated after a failed
+  in-place update) clears it.
+
+One event may change several documents: a surge cluster's ClusterRequested changes the cluster and
+its rollout; a RolloutProgressed of a fleet rollout's set changes the set, the set's rollout and the
+fleet rollout. `touched` names them all, so that the projector loads each before applying a batch;
+the rollout documents themselves are built in rollouts.py.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic.alias_generators import to_camel
 
+from services.status_projector import rollouts as ro
+from services.status_projector.docs import Doc, camel, canonical, fill_defaults, stamp, ts
 from shared.catalog import CATALOG
 from shared.events import Envelope, decode_payload
 from shared.events import models as m
 from shared.events.clusterset import ClusterSpec, InfraServiceRef
 
-Doc = dict[str, Any]
+__all__ = ["CLUSTER_STATES", "INDEX_FIELDS", "HANDLED_TYPES", "Doc", "Touch", "Views", "apply", "canonical",
+           "index_entries", "touched", "ts"]  # fmt: skip
 
 CLUSTER_STATES: tuple[str, ...] = m.CLUSTER_STATES
 # Creation pipeline order: a fact never moves a cluster back along it.
@@ -40,37 +45,11 @@ _RANK = {"REQUESTED": 0, "PROVISIONING": 1, "PROVISIONED": 2, "INSTALLING": 3, "
 # The filters /v1/clusters offers, each backed by one Redis index set per value.
 INDEX_FIELDS: tuple[str, ...] = ("clusterset", "state", "env", "cloud", "region", "clusterType")
 # Payload fields left out of history entries: repeated in the entry itself, or too large.
-_HISTORY_OMIT = {"location", "cluster_id", "clusterset", "spec", "resources", "document", "clusters"}
+_HISTORY_OMIT = {"location", "cluster_id", "clusterset", "spec", "resources", "document", "clusters", "members"}
+_FLEET_ROLLOUT_TYPES = ro.fleet_rollout_types()
 
 
 # ---------------------------------------------------------------- helpers
-def ts(value: datetime) -> str:
-    """RFC 3339 UTC timestamp with a 'Z', microseconds only when present: one spelling per instant."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    value = value.astimezone(UTC)
-    frac = f".{value.microsecond:06d}" if value.microsecond else ""
-    return value.strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
-
-
-def canonical(obj: Any) -> str:
-    """The one serialisation of a document: sorted keys, no whitespace. Byte-for-byte comparable."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-@lru_cache(maxsize=4096)
-def _camel_key(key: str) -> str:
-    return to_camel(key)
-
-
-def _camel(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {_camel_key(k) if isinstance(k, str) else k: _camel(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_camel(v) for v in obj]
-    return obj
-
-
 def _spec_doc(spec: ClusterSpec) -> Doc:
     return spec.model_dump(mode="json", by_alias=True)
 
@@ -102,16 +81,19 @@ def _network_doc(cloud: str | None, net: m.NetworkInfo) -> Doc:
 class Views:
     """The read models an `apply` call may touch.
 
-    The projector loads only the documents a batch touches; unit tests start empty and keep
-    everything. `history` holds the entries appended (all of them when starting empty), keyed
-    "cluster:<id>" / "clusterset:<name>". `applied` maps event id → the stream sequence that
-    applied it (the projector preloads the ids of the batch that are already known).
+    The projector loads only the documents a batch touches (see `touched`); unit tests start empty
+    and keep everything. `history` holds the entries appended (all of them when starting empty), keyed
+    "cluster:<id>" / "clusterset:<name>". `applied` maps event id → the stream sequence that applied it
+    (the projector preloads the ids of the batch that are already known). `rollouts` are ClusterSet
+    rollouts by rollout id, `fleet_rollouts` fleet rollouts by their id.
     """
 
     clusters: dict[str, Doc] = field(default_factory=dict)
     clustersets: dict[str, Doc] = field(default_factory=dict)
     history: dict[str, list[Doc]] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=dict)
+    rollouts: dict[str, Doc] = field(default_factory=dict)
+    fleet_rollouts: dict[str, Doc] = field(default_factory=dict)
 
     def dump(self) -> dict[str, str]:
         """Everything as canonical JSON, keyed like the Redis layout (for equality checks in tests)."""
@@ -120,17 +102,44 @@ class Views:
             out[f"cluster:{cid}"] = canonical(doc)
         for name, doc in self.clustersets.items():
             out[f"clusterset:{name}"] = canonical(doc)
+        for rid, doc in self.rollouts.items():
+            out[f"rollout:{rid}"] = canonical(doc)
+        for rid, doc in self.fleet_rollouts.items():
+            out[f"fleetrollout:{rid}"] = canonical(doc)
         for key, entries in self.history.items():
             out[f"history:{key}"] = "[" + ",".join(canonical(e) for e in entries) + "]"
         out["applied"] = canonical({eid: str(seq) for eid, seq in self.applied.items()})  # as Redis hashes hold it
         return dict(sorted(out.items()))
 
 
-def touched(env: Envelope) -> tuple[str | None, str | None]:
-    """(cluster id, clusterset name) an envelope may change, read from raw data without decoding."""
-    cid = env.data.get("cluster_id")
-    name = env.data.get("clusterset")
-    return (cid if isinstance(cid, str) else None, name if isinstance(name, str) else None)
+@dataclass(frozen=True)
+class Touch:
+    """The documents one event may change: what the projector loads before applying a batch."""
+
+    cluster: str | None = None
+    clusterset: str | None = None
+    rollout: str | None = None
+    fleet_rollout: str | None = None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def touched(env: Envelope) -> Touch:
+    """The documents an envelope may change, read from raw data without decoding.
+
+    A cluster fact changes the cluster's document only (never its set's); a rollout id or fleet rollout
+    id on a set or cluster fact also names that rollout's document. Over-naming is harmless (a document
+    that does not change is not written); under-naming would lose an update, so this follows the data
+    fields every handler reads.
+    """
+    data = env.data
+    if env.type in _FLEET_ROLLOUT_TYPES:  # their rollout_id is the fleet rollout's (and clusterset is an entry)
+        return Touch(fleet_rollout=_str(data.get("rollout_id")))
+    cid = _str(data.get("cluster_id"))
+    return Touch(cluster=cid, clusterset=None if cid else _str(data.get("clusterset")),
+                 rollout=_str(data.get("rollout_id")), fleet_rollout=_str(data.get("fleet_rollout_id")))  # fmt: skip
 
 
 def index_entries(doc: Doc | None) -> set[tuple[str, str]]:
@@ -154,8 +163,8 @@ def apply(views: Views, seq: int, env: Envelope) -> bool:
     """Fold one event into the views. Returns False when it changed nothing (repeat, unknown, undecodable)."""
     if env.id in views.applied:
         return False
-    handler = _HANDLERS.get(env.type)
-    if handler is None:
+    handlers = _HANDLERS.get(env.type)
+    if not handlers:
         return False
     try:
         payload = decode_payload(env)
@@ -163,7 +172,8 @@ def apply(views: Views, seq: int, env: Envelope) -> bool:
         # A malformed fact cannot be projected; skipping it is deterministic, so replays agree.
         return False
     views.applied[env.id] = seq
-    handler(views, seq, env, payload)
+    for handler in handlers:
+        handler(views, seq, env, payload)
     return True
 
 
@@ -177,16 +187,13 @@ def _history_entry(seq: int, env: Envelope, time: str) -> Doc:
         "seq": seq,
         "correlationId": env.correlation_id,
         "causationId": env.causation_id,
-        "detail": _camel(detail),
+        "detail": camel(detail),
     }
 
 
 def _record(views: Views, key: str, doc: Doc, seq: int, env: Envelope, time: str) -> None:
     views.history.setdefault(key, []).append(_history_entry(seq, env, time))
-    doc["updatedAt"] = time
-    doc["lastEventId"] = env.id
-    doc["lastEventSeq"] = seq
-    doc["eventCount"] = int(doc.get("eventCount") or 0) + 1
+    stamp(doc, seq, env, time)
 
 
 # ---------------------------------------------------------------- clusters
@@ -213,7 +220,9 @@ def new_cluster(cluster_id: str, clusterset: str, location: Doc, time: str) -> D
         "retiring": False,
         "retirement": None,
         "rolloutId": None,
+        "createdByRolloutId": None,
         "drain": None,
+        "lastResourcesUpdate": None,
         "controlPlaneOperation": None,
         "lastDriftCorrection": None,
         "conditions": [],
@@ -322,6 +331,8 @@ def _cluster_handler(fn: Callable[[Doc, m.ClusterEvent, Envelope, str], None]) -
             doc = views.clusters[payload.cluster_id] = new_cluster(
                 payload.cluster_id, payload.clusterset, location, time
             )
+        else:
+            fill_defaults(doc, new_cluster(payload.cluster_id, payload.clusterset, doc["location"], time))
         fn(doc, payload, env, time)
         _refresh_conditions(doc, time)
         _record(views, f"cluster:{payload.cluster_id}", doc, seq, env, time)
@@ -331,6 +342,8 @@ def _cluster_handler(fn: Callable[[Doc, m.ClusterEvent, Envelope, str], None]) -
 
 def _requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     assert isinstance(p, m.ClusterRequested)
+    if p.rollout_id:
+        doc["createdByRolloutId"] = p.rollout_id
     if doc["spec"] is not None:  # requested once; a second request for the same id changes nothing
         return
     doc.update(
@@ -423,6 +436,25 @@ def _update_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
         _set_state(doc, "UPDATING", time)
 
 
+def _resources_updated(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    """The cloud side of an in-place update is done; the cluster stays UPDATING until ClusterReady."""
+    assert isinstance(p, m.ClusterResourcesUpdated)
+    if _frozen(doc):
+        return
+    for step, resources in p.resources.items():
+        doc["resources"][step] = resources
+    doc["lastResourcesUpdate"] = {"generation": p.generation, "configHash": p.config_hash,
+                                  "changed": sorted(p.changed), "time": time}  # fmt: skip
+    failure = doc["failure"] or {}
+    if doc["state"] == "FAILED" and failure.get("fromState") == "UPDATING" and failure.get("operation") == "update":
+        _set_state(doc, "UPDATING", time)  # the retried cloud update went through: the failure is over
+
+
+def _blank_drain() -> Doc:
+    return {"requestedAt": None, "drainedAt": None, "timedOut": False, "timeoutSeconds": None, "evicted": None,
+            "remaining": None}  # fmt: skip
+
+
 def _drain_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     assert isinstance(p, m.ClusterDrainRequested)
     if _frozen(doc):
@@ -430,7 +462,7 @@ def _drain_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     doc["rolloutId"] = p.rollout_id or doc["rolloutId"]
     if doc["state"] in ("DRAINING", "DRAINED"):
         return
-    doc["drain"] = {"requestedAt": time, "drainedAt": None, "timedOut": False}
+    doc["drain"] = {**_blank_drain(), "requestedAt": time, "timeoutSeconds": p.timeout_seconds}
     _set_state(doc, "DRAINING", time)
 
 
@@ -439,8 +471,8 @@ def _drained(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     if _frozen(doc):
         return
     doc["rolloutId"] = p.rollout_id or doc["rolloutId"]
-    drain = doc["drain"] or {"requestedAt": None}
-    doc["drain"] = {**drain, "drainedAt": time, "timedOut": p.timed_out}
+    doc["drain"] = {**_blank_drain(), **(doc["drain"] or {}), "drainedAt": time, "timedOut": p.timed_out,
+                    "evicted": p.evicted, "remaining": p.remaining}  # fmt: skip
     _set_state(doc, "DRAINED", time)
 
 
@@ -449,7 +481,8 @@ def _retirement_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     if doc["state"] == "DELETED" or doc["retiring"]:
         return
     doc["retiring"] = True
-    doc["retirement"] = {"reason": p.reason, "drain": p.drain, "requestedAt": time}
+    doc["retirement"] = {"reason": p.reason, "drain": p.drain, "requestedAt": time, "rolloutId": p.rollout_id}
+    doc["rolloutId"] = p.rollout_id or doc["rolloutId"]
     _set_state(doc, "DELETING", time)
 
 
@@ -460,7 +493,7 @@ def _resource_deprovisioned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     doc["resources"].pop(p.step, None)
     if not doc["retiring"]:
         doc["retiring"] = True
-        doc["retirement"] = {"reason": None, "drain": False, "requestedAt": time}
+        doc["retirement"] = {"reason": None, "drain": False, "requestedAt": time, "rolloutId": None}
     _set_state(doc, "DELETING", time)
 
 
@@ -540,7 +573,15 @@ def new_clusterset(name: str, time: str) -> Doc:
         "spec": None,
         "updateStrategy": None,
         "lastRejection": None,
+        "labels": {},
+        "lastChange": None,
         "rollout": None,
+        "fleetRollout": None,
+        "convergedGeneration": None,
+        "convergedConfigHash": None,
+        "convergedAt": None,
+        "upToDate": False,
+        "lastUpdateFailure": None,
         "retiredClusters": [],
         "protected": False,
         "createdAt": time,
@@ -562,7 +603,11 @@ def _clusterset_handler(fn: Callable[[Doc, Any, Envelope, str], None]) -> _Handl
         doc = views.clustersets.get(name)
         if doc is None:
             doc = views.clustersets[name] = new_clusterset(name, time)
+        else:
+            fill_defaults(doc, new_clusterset(name, time))
         fn(doc, payload, env, time)
+        # The planner reported the current generation converged (a new generation is not, until it says so).
+        doc["upToDate"] = doc["convergedGeneration"] is not None and doc["convergedGeneration"] == doc["generation"]
         _record(views, f"clusterset:{name}", doc, seq, env, time)
 
     return handle
@@ -573,8 +618,12 @@ def _set_accepted(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     current = doc["generation"]
     if current is not None and (p.generation < current or (p.generation == current and doc["deleted"])):
         return  # an older generation (or the one already retired) never overwrites a newer state
+    if current is None or p.generation > current:  # what changed with this generation (a re-apply changes nothing)
+        doc["lastChange"] = {"generation": p.generation, "updatePath": p.update_path, "changes": list(p.changes),
+                             "fleetRolloutId": p.fleet_rollout_id, "time": time}  # fmt: skip
     doc.update(
         accepted=True,
+        labels=dict(p.labels),
         deleted=False,
         generation=p.generation,
         configHash=p.config_hash,
@@ -610,66 +659,142 @@ def _set_retired(doc: Doc, p: Any, env: Envelope, time: str) -> None:
         doc["location"] = p.location.model_dump(mode="json", by_alias=True)
 
 
-_ROLLOUT_STATE = {
-    "RolloutRequested": "REQUESTED",
-    "RolloutStarted": "IN_PROGRESS",
-    "RolloutProgressed": "IN_PROGRESS",
-    "RolloutCompleted": "COMPLETED",
-    "RolloutPaused": "PAUSED",
-    "RolloutRolledBack": "ROLLED_BACK",
-}
+def _set_rollout(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    """The set's current (latest) rollout, in short; the whole story is the rollout's own document."""
+    summary = ro.follow(doc["rollout"], p, env.type, time)
+    if summary is not None:
+        doc["rollout"] = summary
 
 
-def _rollout(doc: Doc, p: Any, env: Envelope, time: str) -> None:
-    """The set's current (latest) rollout."""
-    rollout = doc["rollout"]
-    if not rollout or rollout.get("rolloutId") != p.rollout_id:
-        if rollout and rollout.get("state") in ("REQUESTED", "IN_PROGRESS", "PAUSED") and not isinstance(
-            p, m.RolloutRequested
-        ):
-            return  # a stray fact of an older rollout does not replace the one running
-        rollout = {"rolloutId": p.rollout_id, "startedAt": None, "fromConfigHashes": [], "toConfigHash": None,
-                   "generation": None, "replaced": 0, "remaining": None, "reason": None}  # fmt: skip
-    rollout = {**rollout, "state": _ROLLOUT_STATE[env.type], "updatedAt": time}
-    if isinstance(p, m.RolloutRequested):
-        rollout.update(fromConfigHashes=list(p.from_config_hashes), toConfigHash=p.to_config_hash,
-                       generation=p.generation)  # fmt: skip
-    elif isinstance(p, m.RolloutStarted):
-        rollout.update(startedAt=time, toConfigHash=p.to_config_hash)
-    elif isinstance(p, m.RolloutProgressed):
-        rollout.update(replaced=p.replaced, remaining=p.remaining)
-    elif isinstance(p, m.RolloutCompleted):
-        rollout.update(remaining=0)
-    elif isinstance(p, m.RolloutPaused | m.RolloutRolledBack):
-        rollout.update(reason=p.reason)
-    doc["rollout"] = rollout
+def _patch_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetPatchRequested)
+    doc["fleetRollout"] = {"fleetRolloutId": p.fleet_rollout_id, "stage": p.stage, "patch": p.patch,
+                           "requestedAt": time}  # fmt: skip
+
+
+def _converged(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetConverged)
+    if doc["convergedGeneration"] is not None and p.generation < doc["convergedGeneration"]:
+        return  # an older generation's convergence never hides a newer one
+    doc.update(convergedGeneration=p.generation, convergedConfigHash=p.config_hash, convergedAt=time)
+    failure = doc["lastUpdateFailure"]
+    if failure and failure["generation"] <= p.generation:
+        doc["lastUpdateFailure"] = None
+
+
+def _update_failed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterSetUpdateFailed)
+    converged = doc["convergedGeneration"]
+    if converged is not None and p.generation <= converged:
+        return  # that generation converged after all (a retry went through)
+    doc["lastUpdateFailure"] = {"generation": p.generation, "configHash": p.config_hash,
+                                "clusterIds": sorted(p.cluster_ids), "reason": p.reason, "eventId": env.id,
+                                "time": time, "fleetRolloutId": p.fleet_rollout_id}  # fmt: skip
+
+
+# ---------------------------------------------------------------- rollouts (documents of their own)
+def _rollout_doc(views: Views, rollout_id: str, clusterset: str, location: Doc, time: str) -> Doc:
+    doc = views.rollouts.get(rollout_id)
+    if doc is None:
+        doc = views.rollouts[rollout_id] = ro.new_rollout(rollout_id, clusterset, location, time)
+    else:
+        fill_defaults(doc, ro.new_rollout(rollout_id, clusterset, location, time))
+    return doc
+
+
+def _rollout_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    assert isinstance(payload, m.RolloutEvent | m.RolloutRequested)
+    time = ts(env.time)
+    location = payload.location.model_dump(mode="json", by_alias=True)
+    doc = _rollout_doc(views, payload.rollout_id, payload.clusterset, location, time)
+    ro.rollout_fact(doc, payload, env, time)
+    stamp(doc, seq, env, time)
+
+
+def _rollout_cluster(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    """A surge cluster a rotation created, or a cluster it retired."""
+    assert isinstance(payload, m.ClusterRequested | m.ClusterRetirementRequested)
+    if not payload.rollout_id:
+        return
+    time = ts(env.time)
+    location = payload.location.model_dump(mode="json", by_alias=True)
+    doc = _rollout_doc(views, payload.rollout_id, payload.clusterset, location, time)
+    ro.rollout_cluster(doc, payload)
+    stamp(doc, seq, env, time)
+
+
+def _fleet_doc(views: Views, rollout_id: str, time: str) -> Doc:
+    doc = views.fleet_rollouts.get(rollout_id)
+    if doc is None:
+        doc = views.fleet_rollouts[rollout_id] = ro.new_fleet(rollout_id, time)
+    else:
+        fill_defaults(doc, ro.new_fleet(rollout_id, time))
+    return doc
+
+
+def _fleet_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    assert isinstance(payload, m.FleetRolloutEvent)
+    time = ts(env.time)
+    doc = _fleet_doc(views, payload.rollout_id, time)
+    ro.fleet_fact(doc, payload, env, time)
+    stamp(doc, seq, env, time)
+
+
+def _fleet_join(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    """A set-level fact that names a fleet rollout: that rollout's entry for the set."""
+    fleet_rollout_id = getattr(payload, "fleet_rollout_id", None)
+    if not fleet_rollout_id:
+        return
+    time = ts(env.time)
+    doc = _fleet_doc(views, fleet_rollout_id, time)
+    ro.fleet_join(doc, payload, env, time)
+    stamp(doc, seq, env, time)
 
 
 _Handler = Callable[[Views, int, Envelope, m.Event], None]
 
-_HANDLERS: dict[str, _Handler] = {
-    "ClusterRequested": _cluster_handler(_requested),
-    "ClusterResourceProvisioned": _cluster_handler(_resource_provisioned),
-    "ClusterProvisioned": _cluster_handler(_provisioned),
-    "InfraServiceInstalled": _cluster_handler(_service_installed),
-    "ClusterReady": _cluster_handler(_ready),
-    "ClusterProtectionUpdated": _cluster_handler(_protection_updated),
-    "InfraServiceRemoved": _cluster_handler(_service_removed),
-    "InfraDriftCorrected": _cluster_handler(_drift_corrected),
-    "ClusterUpdateRequested": _cluster_handler(_update_requested),
-    "ClusterDrainRequested": _cluster_handler(_drain_requested),
-    "ClusterDrained": _cluster_handler(_drained),
-    "ClusterRetirementRequested": _cluster_handler(_retirement_requested),
-    "ClusterResourceDeprovisioned": _cluster_handler(_resource_deprovisioned),
-    "ClusterDeprovisioned": _cluster_handler(_deprovisioned),
-    "ClusterProvisioningFailed": _cluster_handler(_provisioning_failed),
-    "ClusterInfraFailed": _cluster_handler(_infra_failed),
-    **{name: _cluster_handler(_control_plane) for name in _CP_STATE},
-    "ClusterSetAccepted": _clusterset_handler(_set_accepted),
-    "ClusterSetRejected": _clusterset_handler(_set_rejected),
-    "ClusterSetRetired": _clusterset_handler(_set_retired),
-    **{name: _clusterset_handler(_rollout) for name in _ROLLOUT_STATE},
+_CLUSTER_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
+    "ClusterRequested": _requested,
+    "ClusterResourceProvisioned": _resource_provisioned,
+    "ClusterProvisioned": _provisioned,
+    "InfraServiceInstalled": _service_installed,
+    "ClusterReady": _ready,
+    "ClusterProtectionUpdated": _protection_updated,
+    "InfraServiceRemoved": _service_removed,
+    "InfraDriftCorrected": _drift_corrected,
+    "ClusterUpdateRequested": _update_requested,
+    "ClusterResourcesUpdated": _resources_updated,
+    "ClusterDrainRequested": _drain_requested,
+    "ClusterDrained": _drained,
+    "ClusterRetirementRequested": _retirement_requested,
+    "ClusterResourceDeprovisioned": _resource_deprovisioned,
+    "ClusterDeprovisioned": _deprovisioned,
+    "ClusterProvisioningFailed": _provisioning_failed,
+    "ClusterInfraFailed": _infra_failed,
+    **dict.fromkeys(_CP_STATE, _control_plane),
 }
+_SET_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
+    "ClusterSetAccepted": _set_accepted,
+    "ClusterSetRejected": _set_rejected,
+    "ClusterSetRetired": _set_retired,
+    "ClusterSetPatchRequested": _patch_requested,
+    "ClusterSetConverged": _converged,
+    "ClusterSetUpdateFailed": _update_failed,
+    **dict.fromkeys(ro.ROLLOUT_EVENT_STATE, _set_rollout),
+}
+# Every document an event changes, in order. `touched` must name each of them (see its docstring).
+_HANDLERS: dict[str, list[_Handler]] = {
+    **{name: [_cluster_handler(fn)] for name, fn in _CLUSTER_HANDLERS.items()},
+    **{name: [_clusterset_handler(fn)] for name, fn in _SET_HANDLERS.items()},
+    **{name: [_fleet_fact] for name in _FLEET_ROLLOUT_TYPES},
+}
+for _name in ro.ROLLOUT_EVENT_STATE:
+    _HANDLERS[_name].append(_rollout_fact)
+for _name in ("ClusterRequested", "ClusterRetirementRequested"):
+    _HANDLERS[_name].append(_rollout_cluster)
+for _name in ("ClusterSetAccepted", "ClusterSetPatchRequested", "ClusterSetRejected", "ClusterSetConverged",
+              "ClusterSetUpdateFailed", *ro.ROLLOUT_EVENT_STATE):  # fmt: skip
+    _HANDLERS[_name].append(_fleet_join)
 
 # Every FLEET event type must be projected: a new type without a handler fails the unit tests.
 HANDLED_TYPES: frozenset[str] = frozenset(_HANDLERS)

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, WatchError
 from services.status_projector import core
 from services.status_projector.store import (
     DEFAULT_NAMESPACE,
+    BatchTouch,
     ViewKeys,
     current_namespace,
     load_batch,
@@ -260,8 +261,8 @@ class Projector:
                     if not todo:
                         return  # another replica applied all of it
                     envs = [i.env for i in todo if i.env is not None]
-                    cluster_ids, set_names = _touched(envs)
-                    views, loaded = await load_batch(pipe, keys, cluster_ids, set_names, [e.id for e in envs])
+                    touch = BatchTouch(core.touched(e) for e in envs)
+                    views, loaded = await load_batch(pipe, keys, touch, [e.id for e in envs])
                     known = set(views.applied)
                     for item in todo:
                         if item.env is not None:
@@ -283,15 +284,3 @@ def _decode(msg: Msg, seq: int) -> Envelope | None:
     except (ValidationError, ValueError) as exc:
         log.warning("skipping undecodable FLEET message %d: %s", seq, str(exc)[:200])
         return None
-
-
-def _touched(envs: list[Envelope]) -> tuple[list[str], list[str]]:
-    cluster_ids: dict[str, None] = {}
-    set_names: dict[str, None] = {}
-    for env in envs:
-        cid, name = core.touched(env)
-        if cid:
-            cluster_ids[cid] = None
-        elif name:  # a cluster fact changes the cluster's document only; a set fact the set's
-            set_names[name] = None
-    return list(cluster_ids), list(set_names)

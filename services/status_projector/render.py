@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from services.status_projector import rollouts as ro
 from services.status_projector.core import CLUSTER_STATES, Doc
 
 
@@ -113,3 +114,8 @@ def discovery_entry(cluster: Doc) -> Doc:
         "infraServices": cluster.get("infraServices") or [],
         "readySince": cluster.get("lastTransitionTime"),
     }
+
+
+def rollout_listing(rollout: Doc) -> Doc:
+    """A rollout in a listing: without its unbounded lists (timeline, per-set entries, cluster ids)."""
+    return ro.listing(rollout)

@@ -7,15 +7,24 @@ published schema cannot drift from the data.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 ClusterStateName = Literal[
     "REQUESTED", "PROVISIONING", "PROVISIONED", "INSTALLING", "READY", "UPDATING",
     "DRAINING", "DRAINED", "DELETING", "DELETED", "FAILED",
 ]  # fmt: skip
 CloudName = Literal["aws", "azure", "gcp"]
+SetRolloutStateName = Literal["REQUESTED", "IN_PROGRESS", "WAITING", "PAUSED", "ROLLING_BACK", "COMPLETED", "ABORTED",
+                              "ROLLED_BACK"]  # fmt: skip
+FleetRolloutStateName = Literal["PENDING", "IN_PROGRESS", "AWAITING_APPROVAL", "SOAKING", "PAUSED", "HALTED", "ABORTED",
+                                "COMPLETED", "REJECTED"]  # fmt: skip
+RolloutStateName = Literal["REQUESTED", "IN_PROGRESS", "WAITING", "PAUSED", "ROLLING_BACK", "COMPLETED", "ABORTED",
+                           "ROLLED_BACK", "PENDING", "AWAITING_APPROVAL", "SOAKING", "HALTED", "REJECTED"]  # fmt: skip
+StageStateName = Literal["PENDING", "AWAITING_APPROVAL", "IN_PROGRESS", "SOAKING", "COMPLETED"]
+SetEntryStateName = Literal["PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED"]
+RolloutKindName = Literal["clusterset", "fleet"]
 
 
 class _Out(BaseModel):
@@ -74,12 +83,23 @@ class Retirement(_Out):
     reason: str | None
     drain: bool
     requestedAt: str
+    rolloutId: str | None = Field(default=None, description="the rollout that retired it (rotation or rollback)")
 
 
 class Drain(_Out):
     requestedAt: str | None
     drainedAt: str | None
     timedOut: bool
+    timeoutSeconds: float | None = None
+    evicted: int | None = Field(default=None, description="pods evicted")
+    remaining: int | None = Field(default=None, description="pods still there when the drain ended (timed out)")
+
+
+class ResourcesUpdate(_Out):
+    generation: int
+    configHash: str
+    changed: list[str] = Field(description="provisioning steps whose resources were updated")
+    time: str
 
 
 class ControlPlaneOperation(_Out):
@@ -121,8 +141,11 @@ class Cluster(_Out):
     failure: Failure | None
     retiring: bool
     retirement: Retirement | None
-    rolloutId: str | None
+    rolloutId: str | None = Field(description="the rollout that last drained or retired it")
+    createdByRolloutId: str | None = Field(default=None, description="the rollout that created it (a surge cluster)")
     drain: Drain | None
+    lastResourcesUpdate: ResourcesUpdate | None = Field(
+        default=None, description="the cloud side of the last in-place update (node pools, tags)")
     controlPlaneOperation: ControlPlaneOperation | None
     conditions: list[Condition]
     createdAt: str
@@ -188,17 +211,63 @@ class Rejection(_Out):
     errors: list[FieldErrorOut]
 
 
+class Waiting(_Out):
+    reason: str
+    until: str | None
+    since: str
+
+
 class Rollout(_Out):
+    """A ClusterSet rollout in short (the set's current one; the fields every rollout view shares)."""
+
     rolloutId: str
-    state: Literal["REQUESTED", "IN_PROGRESS", "COMPLETED", "PAUSED", "ROLLED_BACK"]
+    state: SetRolloutStateName
     startedAt: str | None
+    endedAt: str | None = None
     updatedAt: str
     fromConfigHashes: list[str]
     toConfigHash: str | None
     generation: int | None
+    count: int | None = Field(default=None, description="clusters on the new config the rollout ends with")
+    changes: list[str] = Field(default_factory=list, description="the spec fields whose change needs the rotation")
     replaced: int
     remaining: int | None
-    reason: str | None
+    batch: int = 0
+    ready: int = Field(default=0, description="new clusters READY")
+    alive: int = Field(default=0, description="clusters of the set serving (old and new)")
+    reason: str | None = Field(description="why it is paused, aborted or rolled back")
+    failed: bool = Field(default=False, description="paused because a new cluster failed")
+    failedClusterIds: list[str] = Field(default_factory=list)
+    waiting: Waiting | None = Field(default=None, description="outside the set's maintenance window")
+    fleetRolloutId: str | None = None
+
+
+class FleetPatch(_Out):
+    fleetRolloutId: str
+    stage: str
+    patch: dict[str, Any]
+    requestedAt: str
+
+
+class UpdateFailure(_Out):
+    generation: int
+    configHash: str
+    clusterIds: list[str]
+    reason: str
+    time: str
+
+
+class SetChange(_Out):
+    generation: int
+    updatePath: Literal["none", "in-place", "rotation"]
+    changes: list[str]
+    fleetRolloutId: str | None
+    time: str
+
+
+class SetUpdateFailure(UpdateFailure):
+    eventId: str
+    fleetRolloutId: str | None
 
 
 class ClusterSetStatus(_Out):
@@ -226,7 +295,15 @@ class ClusterSet(_Out):
     spec: dict[str, Any] | None
     updateStrategy: dict[str, Any] | None
     lastRejection: Rejection | None
+    labels: dict[str, str] = Field(default_factory=dict)
+    lastChange: SetChange | None = Field(default=None, description="what the last new generation changed, and how")
     rollout: Rollout | None
+    fleetRollout: FleetPatch | None = Field(default=None, description="the fleet rollout that last patched the set")
+    convergedGeneration: int | None = Field(default=None, description="last generation every cluster reached")
+    convergedConfigHash: str | None = None
+    convergedAt: str | None = None
+    upToDate: bool = Field(default=False, description="the current generation has converged")
+    lastUpdateFailure: SetUpdateFailure | None = None
     retiredClusters: list[str]
     createdAt: str
     acceptedAt: str | None
@@ -240,6 +317,130 @@ class ClusterSet(_Out):
 
 class ClusterSetPage(_Out):
     items: list[ClusterSet]
+    next: str | None
+
+
+class TimelineEntry(_Out):
+    state: str
+    time: str
+    type: str = Field(description="the event that moved it")
+    eventId: str
+    reason: str | None
+
+
+class ClusterSetRollout(Rollout):
+    """One rotation of one ClusterSet (`/v1/rollouts` leaves out the lists marked 'detail only')."""
+
+    id: str
+    kind: Literal["ClusterSetRollout"]
+    clusterset: str
+    location: Location
+    clusterType: str | None
+    requestedAt: str | None
+    outdatedClusters: list[str] | None = Field(default=None, description="clusters it set out to replace; detail only")
+    createdClusters: list[str] | None = Field(default=None, description="surge clusters it created; detail only")
+    retiredClusters: list[str] | None = Field(default=None, description="clusters it retired; detail only")
+    timeline: list[TimelineEntry] | None = Field(default=None, description="state transitions; detail only")
+    createdAt: str
+    lastEventId: str | None
+    lastEventSeq: int | None
+    eventCount: int
+
+
+class FleetStageStatus(_Out):
+    name: str
+    state: StageStateName
+    approval: bool
+    soakSeconds: float
+    soakUntil: str | None
+    clustersets: list[str]
+    startedAt: str | None
+    completedAt: str | None
+
+
+class RolloutProgress(_Out):
+    rolloutId: str
+    state: SetRolloutStateName
+    count: int | None
+    replaced: int
+    remaining: int | None
+    batch: int
+    ready: int
+    alive: int
+    updatedAt: str
+
+
+class Converged(_Out):
+    generation: int
+    configHash: str
+    count: int
+    time: str
+
+
+class FleetSetEntry(_Out):
+    clusterset: str
+    stage: str | None
+    state: SetEntryStateName
+    reason: str | None
+    errors: list[FieldErrorOut] = Field(description="the planner refused the patch for this set")
+    generation: int | None = Field(description="the set's generation the patch made")
+    updatePath: Literal["none", "in-place", "rotation"] | None
+    changes: list[str]
+    rolloutId: str | None
+    rollout: RolloutProgress | None = Field(description="the set's own rollout, when the patch needed one")
+    converged: Converged | None
+    updateFailure: UpdateFailure | None
+    startedAt: str | None
+    finishedAt: str | None
+
+
+class Stopped(_Out):
+    reason: str
+    since: str
+
+
+class FleetRollout(_Out):
+    """One change rolled over many ClusterSets, stage by stage (`/v1/rollouts` leaves out sets and timeline)."""
+
+    id: str
+    kind: Literal["FleetRollout"]
+    rolloutId: str
+    clusterType: str | None
+    patch: dict[str, Any] | None
+    state: FleetRolloutStateName
+    stages: list[FleetStageStatus]
+    sets: list[FleetSetEntry] | None = Field(default=None, description="per ClusterSet; detail only")
+    setCounts: dict[SetEntryStateName, int]
+    maxInFlight: int | None
+    failureBudget: int | None
+    succeeded: int
+    failed: int
+    inFlight: int
+    budgetExceeded: bool = Field(description="more sets failed than the failure budget allows")
+    paused: Stopped | None
+    halted: Stopped | None
+    reason: str | None = Field(description="why it is paused, halted or aborted")
+    failedSets: list[str]
+    errors: list[FieldErrorOut] = Field(description="why it was rejected")
+    timeline: list[TimelineEntry] | None = Field(default=None, description="state transitions; detail only")
+    createdAt: str
+    startedAt: str | None
+    endedAt: str | None
+    updatedAt: str
+    lastEventId: str | None
+    lastEventSeq: int | None
+    eventCount: int
+
+
+AnyRollout = Annotated[ClusterSetRollout | FleetRollout, Field(discriminator="kind")]
+
+
+class RolloutDetail(RootModel[AnyRollout]):
+    """A ClusterSet rollout or a fleet rollout, told apart by `kind`."""
+
+
+class RolloutPage(_Out):
+    items: list[AnyRollout]
     next: str | None
 
 

@@ -5,10 +5,14 @@ Redis Cluster hash tag, so one namespace is one slot and a batch commits in one 
 
     cluster:<id>                    JSON document (canonical: sorted keys)
     clusterset:<name>               JSON document
+    rollout:<id>                    JSON document of a ClusterSet rollout
+    fleetrollout:<id>               JSON document of a fleet rollout
     history:cluster:<id>            list of JSON history entries, oldest first
     history:clusterset:<name>       list of JSON history entries
     idx:all                         set of every cluster id
     idx:<field>:<value>             set of cluster ids, field in clusterset/state/env/cloud/region/clusterType
+    idx:rollouts:all                set of every rollout, as "<id>\t<kind>" (sorts by id; either kind)
+    idx:rollouts:<field>:<value>    set of rollouts, field in kind/state/clusterset
     sets                            set of every cluster set name
     applied                         hash event id -> stream sequence that applied it (dedupe)
     checkpoint                      last applied FLEET sequence (written in the same EXEC as the views)
@@ -23,13 +27,14 @@ import base64
 import binascii
 import json
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from services.status_projector.core import CLUSTER_STATES, Doc, Views, canonical, index_entries
+from services.status_projector import rollouts as ro
+from services.status_projector.core import CLUSTER_STATES, Doc, Touch, Views, canonical, index_entries
 
 DEFAULT_NAMESPACE = "live"
 
@@ -57,6 +62,7 @@ class ViewKeys:
         self.applied = self.base + "applied"
         self.sets = self.base + "sets"
         self.all = self.base + "idx:all"
+        self.rollouts_all = self.base + "idx:rollouts:all"
 
     def cluster(self, cid: str) -> str:
         return f"{self.base}cluster:{cid}"
@@ -71,6 +77,14 @@ class ViewKeys:
     def index(self, field: str, value: str) -> str:
         return f"{self.base}idx:{field}:{value}"
 
+    def rollout(self, kind: str, rollout_id: str) -> str:
+        """`kind` is a document kind (ClusterSetRollout or FleetRollout)."""
+        name = "rollout" if kind == ro.KIND_SET else "fleetrollout"
+        return f"{self.base}{name}:{rollout_id}"
+
+    def rollout_index(self, field: str, value: str) -> str:
+        return f"{self.base}idx:rollouts:{field}:{value}"
+
 
 # ---------------------------------------------------------------- batch load / stage (projector side)
 class Loaded:
@@ -79,27 +93,53 @@ class Loaded:
     def __init__(self) -> None:
         self.clusters: dict[str, str | None] = {}
         self.clustersets: dict[str, str | None] = {}
-        # Index entries of each cluster as loaded: the core mutates the parsed documents in place.
+        self.rollouts: dict[str, str | None] = {}
+        self.fleet_rollouts: dict[str, str | None] = {}
+        # Index entries of each document as loaded: the core mutates the parsed documents in place.
         self.indexed: dict[str, set[tuple[str, str]]] = {}
+        self.rollouts_indexed: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
 
-async def load_batch(redis: Redis | Pipeline, keys: ViewKeys, cluster_ids: Sequence[str],
-                     set_names: Sequence[str], event_ids: Sequence[str]) -> tuple[Views, Loaded]:  # fmt: skip
+class BatchTouch:
+    """Every document a batch of events may change (see core.touched), each named once, in first-seen order."""
+
+    def __init__(self, touches: Iterable[Touch] = ()) -> None:
+        self.cluster_ids: dict[str, None] = {}
+        self.set_names: dict[str, None] = {}
+        self.rollout_ids: dict[str, None] = {}
+        self.fleet_rollout_ids: dict[str, None] = {}
+        for t in touches:
+            for value, into in ((t.cluster, self.cluster_ids), (t.clusterset, self.set_names),
+                                (t.rollout, self.rollout_ids), (t.fleet_rollout, self.fleet_rollout_ids)):  # fmt: skip
+                if value:
+                    into[value] = None
+
+
+async def _load_docs(redis: Redis | Pipeline, key: Callable[[str], str], ids: Sequence[str],
+                     raw_into: dict[str, str | None], into: dict[str, Doc]) -> None:  # fmt: skip
+    if not ids:
+        return
+    raws: list[Any] = await redis.mget([key(i) for i in ids])
+    for i, raw in zip(ids, raws, strict=True):
+        raw_into[i] = raw
+        if raw is not None:
+            into[i] = json.loads(raw)
+
+
+async def load_batch(redis: Redis | Pipeline, keys: ViewKeys, touch: BatchTouch,
+                     event_ids: Sequence[str]) -> tuple[Views, Loaded]:  # fmt: skip
     """Documents and already-applied ids a batch needs. With a WATCHing pipeline these run immediately."""
     views, loaded = Views(), Loaded()
-    if cluster_ids:
-        raws: list[Any] = await redis.mget([keys.cluster(c) for c in cluster_ids])
-        for cid, raw in zip(cluster_ids, raws, strict=True):
-            loaded.clusters[cid] = raw
-            if raw is not None:
-                doc = views.clusters[cid] = json.loads(raw)
-                loaded.indexed[cid] = index_entries(doc)
-    if set_names:
-        raws = await redis.mget([keys.clusterset(n) for n in set_names])
-        for name, raw in zip(set_names, raws, strict=True):
-            loaded.clustersets[name] = raw  # type: ignore[assignment]  # decode_responses: str or None
-            if raw is not None:
-                views.clustersets[name] = json.loads(raw)
+    await _load_docs(redis, keys.cluster, list(touch.cluster_ids), loaded.clusters, views.clusters)
+    await _load_docs(redis, keys.clusterset, list(touch.set_names), loaded.clustersets, views.clustersets)
+    await _load_docs(redis, lambda r: keys.rollout(ro.KIND_SET, r), list(touch.rollout_ids), loaded.rollouts,
+                     views.rollouts)  # fmt: skip
+    await _load_docs(redis, lambda r: keys.rollout(ro.KIND_FLEET, r), list(touch.fleet_rollout_ids),
+                     loaded.fleet_rollouts, views.fleet_rollouts)  # fmt: skip
+    loaded.indexed = {cid: index_entries(doc) for cid, doc in views.clusters.items()}
+    for kind, docs in ((ro.KIND_SET, views.rollouts), (ro.KIND_FLEET, views.fleet_rollouts)):
+        for rid, doc in docs.items():
+            loaded.rollouts_indexed[(kind, rid)] = ro.index_entries(doc)
     if event_ids:
         seqs = await redis.hmget(keys.applied, list(event_ids))
         views.applied = {eid: int(s) for eid, s in zip(event_ids, seqs, strict=True) if s is not None}
@@ -117,12 +157,7 @@ def stage_batch(pipe: Pipeline, keys: ViewKeys, loaded: Loaded, views: Views, kn
             continue
         written += 1
         pipe.set(keys.cluster(cid), raw)
-        old = loaded.indexed.get(cid, set())
-        new = index_entries(doc)
-        for field, value in sorted(old - new):
-            pipe.srem(keys.index(field, value), cid)
-        for field, value in sorted(new - old):
-            pipe.sadd(keys.index(field, value), cid)
+        _stage_index(pipe, keys.index, cid, loaded.indexed.get(cid, set()), index_entries(doc))
         if old_raw is None:
             pipe.sadd(keys.all, cid)
     for name, doc in views.clustersets.items():
@@ -132,6 +167,19 @@ def stage_batch(pipe: Pipeline, keys: ViewKeys, loaded: Loaded, views: Views, kn
         written += 1
         pipe.set(keys.clusterset(name), raw)
         pipe.sadd(keys.sets, name)
+    for kind, docs, raws in ((ro.KIND_SET, views.rollouts, loaded.rollouts),
+                             (ro.KIND_FLEET, views.fleet_rollouts, loaded.fleet_rollouts)):  # fmt: skip
+        for rid, doc in docs.items():
+            raw = canonical(doc)
+            old_raw = raws.get(rid)
+            if raw == old_raw:
+                continue
+            written += 1
+            pipe.set(keys.rollout(kind, rid), raw)
+            _stage_index(pipe, keys.rollout_index, ro.member(kind, rid), loaded.rollouts_indexed.get((kind, rid),
+                         set()), ro.index_entries(doc))  # fmt: skip
+            if old_raw is None:
+                pipe.sadd(keys.rollouts_all, ro.member(kind, rid))
     for key, entries in views.history.items():
         if entries:
             pipe.rpush(keys.history(key), *(canonical(e) for e in entries))
@@ -141,6 +189,15 @@ def stage_batch(pipe: Pipeline, keys: ViewKeys, loaded: Loaded, views: Views, kn
         pipe.hset(keys.applied, mapping=fresh)
     pipe.set(keys.checkpoint, checkpoint)
     return written
+
+
+def _stage_index(pipe: Pipeline, key: Callable[[str, str], str], value: str, old: set[tuple[str, str]],
+                 new: set[tuple[str, str]]) -> None:  # fmt: skip
+    """Move `value` between filter index sets as its document's (field, value) pairs changed."""
+    for field, v in sorted(old - new):
+        pipe.srem(key(field, v), value)
+    for field, v in sorted(new - old):
+        pipe.sadd(key(field, v), value)
 
 
 async def read_checkpoint(redis: Redis | Pipeline, keys: ViewKeys) -> int:
@@ -295,6 +352,23 @@ class ViewReader:
             chunk = results[i * len(CLUSTER_STATES):(i + 1) * len(CLUSTER_STATES)]
             out[name] = {s: int(n) for s, n in zip(CLUSTER_STATES, chunk, strict=True)}
         return out
+
+    async def rollout_members(self, filters: dict[str, str]) -> list[str]:
+        """Sorted index members ("<id>\t<kind>") of the rollouts matching every filter."""
+        sets = [self.keys.rollout_index(f, v) for f, v in sorted(filters.items())] or [self.keys.rollouts_all]
+        members = await (self.redis.smembers(sets[0]) if len(sets) == 1 else self.redis.sinter(sets))
+        return sorted(str(m) for m in members)
+
+    async def rollouts(self, members: Sequence[str]) -> list[Doc]:
+        if not members:
+            return []
+        raws = await self.redis.mget([self.keys.rollout(*ro.split_member(mb)) for mb in members])
+        return [json.loads(r) for r in raws if r is not None]
+
+    async def rollout(self, rollout_id: str, kinds: Sequence[str]) -> list[Doc]:
+        """The rollouts of these document kinds with this id (ids of the two kinds are separate namespaces)."""
+        raws = await self.redis.mget([self.keys.rollout(kind, rollout_id) for kind in kinds])
+        return [json.loads(r) for r in raws if r is not None]
 
     async def history(self, key: str, start: int, limit: int) -> tuple[list[Doc], int]:
         """Entries [start, start+limit) of a history list, and its total length."""

@@ -45,15 +45,16 @@ def _clock(start: datetime) -> Iterable[datetime]:
         t += STEP
 
 
-def provision(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime) -> list[Envelope]:
+def provision(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime, *, serial: int = 0,
+              generation: int = 1, rollout_id: str | None = None) -> list[Envelope]:  # fmt: skip
     """ClusterRequested → resources ×5 → ClusterProvisioned → InfraServiceInstalled ×n → ClusterReady."""
     loc, name, spec = cs.metadata.location, cs.metadata.name, cs.spec.cluster_spec()
     common: dict[str, Any] = dict(location=loc, cluster_id=cluster_id, clusterset=name)
     clock = iter(_clock(start))
     out: list[Envelope] = []
     requested = new_event(
-        m.ClusterRequested(**common, serial=0, cluster_type=cs.metadata.cluster_type, generation=1,
-                           config_hash=spec.config_hash(), spec=spec),
+        m.ClusterRequested(**common, serial=serial, cluster_type=cs.metadata.cluster_type, generation=generation,
+                           config_hash=spec.config_hash(), spec=spec, rollout_id=rollout_id),
         source="planner", cause=cause, discriminator=cluster_id, time=next(clock),
     )  # fmt: skip
     out.append(requested)
@@ -85,15 +86,16 @@ def provision(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime)
     return out
 
 
-RetireReason = Literal["scale-down", "clusterset-deleted", "rotation", "manual"]
+RetireReason = Literal["scale-down", "clusterset-deleted", "rotation", "rollback", "manual"]
 
 
-def retire(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime,
-           reason: RetireReason = "scale-down") -> list[Envelope]:  # fmt: skip
+def retire(cs: ClusterSet, cause: Envelope, cluster_id: str, start: datetime, reason: RetireReason = "scale-down",
+           rollout_id: str | None = None) -> list[Envelope]:  # fmt: skip
     """ClusterRetirementRequested → resources deprovisioned ×5 (reverse order) → ClusterDeprovisioned."""
     common: dict[str, Any] = dict(location=cs.metadata.location, cluster_id=cluster_id, clusterset=cs.metadata.name)
     clock = iter(_clock(start))
-    requested = new_event(m.ClusterRetirementRequested(**common, reason=reason), source="planner", cause=cause,
+    requested = new_event(m.ClusterRetirementRequested(**common, reason=reason, rollout_id=rollout_id),
+                          source="rotation" if rollout_id else "planner", cause=cause,
                           discriminator=f"retire:{cluster_id}", time=next(clock))  # fmt: skip
     out = [requested]
     for step in reversed(m.PROVISION_STEPS):
@@ -121,3 +123,125 @@ def fleet_history(cs: ClusterSet, cluster_ids: list[str], retired: Iterable[str]
     for i, cid in enumerate(retired):
         events += retire(cs, acc, cid, later + timedelta(minutes=i))
     return events
+
+
+# ---------------------------------------------------------------- rollouts
+def retime(events: list[Envelope], start: datetime) -> list[Envelope]:
+    """The same events one STEP apart from `start`, in list order (ids do not depend on time)."""
+    return [e.model_copy(update={"time": start + STEP * i}) for i, e in enumerate(events)]
+
+
+def with_spec(cs: ClusterSet, **spec_changes: Any) -> ClusterSet:
+    """The set with some spec fields changed (python names, e.g. kubernetes_version="1.31")."""
+    return cs.model_copy(update={"spec": cs.spec.model_copy(update=spec_changes)})
+
+
+def rotation(old: ClusterSet, new: ClusterSet, cause: Envelope, rollout_id: str, old_ids: list[str],
+             new_ids: list[str], start: datetime, *, generation: int = 2,
+             fleet_rollout_id: str | None = None) -> list[Envelope]:  # fmt: skip
+    """A whole rotation, one cluster per batch: RolloutRequested → RolloutStarted → per batch a surge cluster
+    provisioned, an old one drained and retired, RolloutProgressed → RolloutCompleted → ClusterSetConverged."""
+    loc, name = old.metadata.location, old.metadata.name
+    old_hash, new_spec = old.spec.cluster_spec().config_hash(), new.spec.cluster_spec()
+    rollout: dict[str, Any] = dict(location=loc, clusterset=name, rollout_id=rollout_id,
+                                   fleet_rollout_id=fleet_rollout_id)  # fmt: skip
+    members = [m.RolloutMember(cluster_id=cid, serial=i, config_hash=old_hash, state="READY")
+               for i, cid in enumerate(old_ids)]  # fmt: skip
+    requested = new_event(m.RolloutRequested(
+        **rollout, generation=generation, from_config_hashes=[old_hash], to_config_hash=new_spec.config_hash(),
+        cluster_type=new.metadata.cluster_type, spec=new_spec, update_strategy=new.spec.update_strategy,
+        count=len(new_ids), serial_base=len(old_ids), members=members, changes=["kubernetesVersion"],
+    ), source="planner", cause=cause, discriminator=rollout_id)  # fmt: skip
+    started = new_event(m.RolloutStarted(**rollout, to_config_hash=new_spec.config_hash(), count=len(new_ids),
+                                         outdated=list(old_ids)), source="rotation", cause=requested)  # fmt: skip
+    events = [requested, started]
+    for i, (new_id, old_id) in enumerate(zip(new_ids, old_ids, strict=True)):
+        common: dict[str, Any] = dict(location=loc, clusterset=name, cluster_id=old_id)
+        events += provision(new, started, new_id, start, serial=len(old_ids) + i, generation=generation,
+                            rollout_id=rollout_id)  # fmt: skip
+        drain = new_event(m.ClusterDrainRequested(**common, rollout_id=rollout_id, timeout_seconds=600),
+                          source="rotation", cause=started, discriminator=old_id)  # fmt: skip
+        drained = new_event(m.ClusterDrained(**common, rollout_id=rollout_id, evicted=12), source="infra_installer",
+                            cause=drain)  # fmt: skip
+        events += [drain, drained, *retire(old, drained, old_id, start, reason="rotation", rollout_id=rollout_id)]
+        events.append(new_event(m.RolloutProgressed(**rollout, replaced=i + 1, remaining=len(new_ids) - i - 1,
+                                                    batch=i + 1, ready=i + 1, alive=len(old_ids)),
+                                source="rotation", cause=drained))  # fmt: skip
+    completed = new_event(m.RolloutCompleted(**rollout, next_serial=len(old_ids) + len(new_ids)), source="rotation",
+                          cause=started)  # fmt: skip
+    converged = new_event(m.ClusterSetConverged(location=loc, clusterset=name, generation=generation,
+                                                config_hash=new_spec.config_hash(), count=len(new_ids),
+                                                fleet_rollout_id=fleet_rollout_id),
+                          source="planner", cause=completed)  # fmt: skip
+    return retime([*events, completed, converged], start)
+
+
+def fleet_rollout_history(fleet_id: str, canary: tuple[ClusterSet, list[str]], rest: tuple[ClusterSet, list[str]],
+                          start: datetime) -> list[Envelope]:  # fmt: skip
+    """A fleet rollout of kubernetesVersion 1.31 over two sets whose clusters are READY.
+
+    Stage `canary` rotates its set (success) and soaks; stage `rest` needs approval, its set's in-place
+    update fails, the failure budget (0) is exceeded and the run halts.
+    """
+    (cs_a, ids_a), (cs_b, ids_b) = canary, rest
+    patch = {"kubernetesVersion": "1.31"}
+    fleet: dict[str, Any] = dict(rollout_id=fleet_id)
+    started = new_event(m.FleetRolloutStarted(
+        **fleet, cluster_type=cs_a.metadata.cluster_type, patch=patch, max_in_flight=1, failure_budget=0,
+        stages=[m.FleetRolloutStagePlan(name="canary", clustersets=[cs_a.metadata.name], soak_seconds=600),
+                m.FleetRolloutStagePlan(name="rest", clustersets=[cs_b.metadata.name], approval=True)],
+    ), source="fleet", event_id=f"{fleet_id}-started")  # fmt: skip
+
+    def fact(payload: m.Event, discriminator: str = "") -> Envelope:
+        return new_event(payload, source="fleet", cause=started, discriminator=discriminator)
+
+    def patched(cs: ClusterSet, stage: str, path: Literal["in-place", "rotation"]) -> list[Envelope]:
+        new = with_spec(cs, kubernetes_version="1.31")
+        loc, name = cs.metadata.location, cs.metadata.name
+        patch_req = fact(m.ClusterSetPatchRequested(location=loc, clusterset=name, fleet_rollout_id=fleet_id,
+                                                    stage=stage, patch=patch), name)  # fmt: skip
+        spec = new.spec.cluster_spec()
+        acc = new_event(m.ClusterSetAccepted(
+            location=loc, clusterset=name, generation=2, cluster_type=new.metadata.cluster_type, count=new.spec.count,
+            config_hash=spec.config_hash(), spec=spec, update_strategy=new.spec.update_strategy, document_hash="doc-2",
+            update_path=path, changes=["kubernetesVersion"], fleet_rollout_id=fleet_id,
+        ), source="planner", cause=patch_req)  # fmt: skip
+        return [patch_req, acc]
+
+    a_new = [f"{cid}-v2" for cid in ids_a]
+    a_events = patched(cs_a, "canary", "rotation")
+    a_events += rotation(cs_a, with_spec(cs_a, kubernetes_version="1.31"), a_events[-1], f"{fleet_id}-a", ids_a,
+                         a_new, start, fleet_rollout_id=fleet_id)  # fmt: skip
+    b_events = patched(cs_b, "rest", "in-place")
+    b_loc, b_name = cs_b.metadata.location, cs_b.metadata.name
+    b_spec = with_spec(cs_b, kubernetes_version="1.31").spec.cluster_spec()
+    b_events += [
+        new_event(m.ClusterUpdateRequested(location=b_loc, clusterset=b_name, cluster_id=ids_b[0], generation=2,
+                                           config_hash=b_spec.config_hash(), spec=b_spec,
+                                           changes=["kubernetesVersion"]),
+                  source="planner", cause=b_events[-1], discriminator=ids_b[0]),
+        new_event(m.ClusterProvisioningFailed(location=b_loc, clusterset=b_name, cluster_id=ids_b[0],
+                                              operation="update", step="cluster", code="UpgradeFailed",
+                                              message="control plane upgrade failed", retryable=False),
+                  source="cloud_provisioner", cause=b_events[-1], discriminator=ids_b[0]),
+        new_event(m.ClusterSetUpdateFailed(location=b_loc, clusterset=b_name, generation=2,
+                                           config_hash=b_spec.config_hash(), cluster_ids=[ids_b[0]],
+                                           reason="control plane upgrade failed", fleet_rollout_id=fleet_id),
+                  source="planner", cause=b_events[-1]),
+    ]  # fmt: skip
+    soak_until = start + timedelta(hours=1)
+    events = [
+        started,
+        fact(m.FleetRolloutStageStarted(**fleet, stage="canary"), "canary"),
+        *a_events,
+        fact(m.FleetRolloutSetFinished(**fleet, stage="canary", clusterset=cs_a.metadata.name, succeeded=True),
+             cs_a.metadata.name),
+        fact(m.FleetRolloutStageCompleted(**fleet, stage="canary", soak_until=soak_until), "canary"),
+        fact(m.FleetRolloutAwaitingApproval(**fleet, stage="rest"), "rest"),
+        fact(m.FleetRolloutStageStarted(**fleet, stage="rest"), "rest"),
+        *b_events,
+        fact(m.FleetRolloutSetFinished(**fleet, stage="rest", clusterset=b_name, succeeded=False,
+                                       reason="control plane upgrade failed"), b_name),
+        fact(m.FleetRolloutHalted(**fleet, reason="1 set failed; the failure budget is 0", failed_sets=[b_name])),
+    ]  # fmt: skip
+    return retime(events, start)

@@ -92,10 +92,28 @@ class InfraServiceRef(_Model):
     values: dict[str, Any] = Field(default_factory=dict)
 
 
+Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+class MaintenanceWindow(_Model):
+    """When disruptive rollout work (draining and retiring old clusters) may start. Times are UTC."""
+
+    days: Annotated[list[Weekday], Field(min_length=1)] = Field(default_factory=lambda: list(WEEKDAYS))
+    start: Annotated[str, StringConstraints(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+    duration_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)]
+
+
 class UpdateStrategy(_Model):
     type: Literal["cluster-rotation", "in-place"]
     max_surge: Annotated[int, Field(ge=0, le=1000)] = 1
     max_unavailable: Annotated[int, Field(ge=0, le=1000)] = 0
+    # What a rotation does when a new cluster fails: stop and wait for an operator, or put the old ones back.
+    on_failure: Literal["pause", "rollback"] = "pause"
+    # A drain that has not finished by then pauses the rollout; nothing is forced.
+    drain_timeout_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 900
+    # Empty: any time.
+    maintenance_windows: list[MaintenanceWindow] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _progress_possible(self) -> UpdateStrategy:
@@ -174,6 +192,16 @@ class ClusterSet(_Model):
     kind: Literal["ClusterSet"]
     metadata: Metadata
     spec: ClusterSetSpec
+
+
+def clusterset_document(*, name: str, location: Location, cluster_type: str, labels: dict[str, str], protected: bool,
+                        spec: ClusterSpec, count: int, update_strategy: UpdateStrategy) -> dict[str, Any]:  # fmt: skip
+    """The ClusterSet document an accepted set stands for (what a fleet rollout's patch is merged into)."""
+    spec_doc = spec.model_dump(mode="json", by_alias=True)
+    spec_doc.update(count=count, updateStrategy=update_strategy.model_dump(mode="json", by_alias=True))
+    metadata = {"name": name, "location": location.model_dump(mode="json", by_alias=True), "clusterType": cluster_type,
+                "labels": dict(labels), "protected": protected}  # fmt: skip
+    return {"apiVersion": "flotilla.dev/v1", "kind": "ClusterSet", "metadata": metadata, "spec": spec_doc}
 
 
 class FieldError(BaseModel):

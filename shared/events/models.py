@@ -6,6 +6,7 @@ Everything else is a lifecycle fact on stream FLEET, routed by cloud, region and
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,6 +87,96 @@ class ClusterProtectionChanged(Event):
         return subjects.clusterset_protection(self.clusterset)
 
 
+class RolloutControlRequested(Event):
+    """An operator pauses, resumes, aborts or rolls back the running rollout of one ClusterSet.
+
+    abort: stop where it is, keep every cluster (old and new); rollback: retire the new clusters, keep the old."""
+
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    clusterset: str = Field(min_length=1, max_length=63)
+    action: Literal["pause", "resume", "abort", "rollback"]
+    rollout_id: str | None = Field(default=None, description="only act if this is the running rollout")
+    reason: str = Field(default="", max_length=500)
+
+    def aggregate(self) -> str:
+        return self.clusterset
+
+    def subject(self) -> str:
+        return subjects.clusterset_rollout(self.clusterset)
+
+
+class FleetSelector(BaseModel):
+    """Which ClusterSets; an empty list matches every value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    envs: list[str] = Field(default_factory=list)
+    clouds: list[Literal["aws", "azure", "gcp"]] = Field(default_factory=list)
+    regions: list[str] = Field(default_factory=list)
+    names: list[str] = Field(default_factory=list)
+
+    def matches(self, name: str, location: Location) -> bool:
+        return ((not self.envs or location.env in self.envs) and (not self.clouds or location.cloud in self.clouds)
+                and (not self.regions or location.region in self.regions)
+                and (not self.names or name in self.names))  # fmt: skip
+
+
+class FleetStage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    # Sets matching this selector and no earlier stage; the default (match everything) takes the rest.
+    selector: FleetSelector = FleetSelector()
+    soak_seconds: float = Field(default=0, ge=0, le=30 * 24 * 3600)
+    # Wait for a FleetRolloutApproved naming this stage before it starts.
+    approval: bool = False
+
+
+class FleetRolloutRequested(Event):
+    """Roll one change (a patch of the ClusterSet spec) over every set of a cluster type, stage by stage."""
+
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    rollout_id: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    cluster_type: str = Field(min_length=1, max_length=63)
+    selector: FleetSelector = FleetSelector()
+    # A JSON merge patch of `spec` (e.g. {"kubernetesVersion": "1.31"}); count and strategy may not be patched.
+    patch: dict[str, Any]
+    stages: list[FleetStage] = Field(min_length=1, max_length=50)
+    max_in_flight: int = Field(default=1, ge=1, le=1000)
+    # The run halts once more than this many sets have failed.
+    failure_budget: int = Field(default=0, ge=0, le=10_000)
+
+    def aggregate(self) -> str:
+        return self.rollout_id
+
+    def subject(self) -> str:
+        return subjects.fleet_rollout_intent(self.rollout_id)
+
+
+class FleetRolloutApproved(Event):
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    rollout_id: str = Field(min_length=1, max_length=63)
+    stage: str = Field(min_length=1, max_length=40)
+    approver: str = Field(default="", max_length=200)
+
+    def aggregate(self) -> str:
+        return self.rollout_id
+
+    def subject(self) -> str:
+        return subjects.fleet_rollout_intent(self.rollout_id)
+
+
+class FleetRolloutControlRequested(Event):
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    rollout_id: str = Field(min_length=1, max_length=63)
+    action: Literal["pause", "resume", "abort"]
+    reason: str = Field(default="", max_length=500)
+
+    def aggregate(self) -> str:
+        return self.rollout_id
+
+    def subject(self) -> str:
+        return subjects.fleet_rollout_intent(self.rollout_id)
+
+
 # ---------------------------------------------------------------- fleet facts (FLEET)
 class FleetEvent(Event):
     location: Location
@@ -118,6 +209,11 @@ class ClusterSetAccepted(ClusterSetEvent):
     config_hash: str
     spec: ClusterSpec
     update_strategy: UpdateStrategy
+    labels: dict[str, str] = Field(default_factory=dict, description="metadata.labels of the document")
+    # What the planner does about the spec change (from its rule table): nothing, in place, or by rotation.
+    update_path: Literal["none", "in-place", "rotation"] = "none"
+    changes: list[str] = Field(default_factory=list)
+    fleet_rollout_id: str | None = Field(default=None, description="set when a fleet rollout's patch made it")
 
 
 class ClusterSetRejected(Event):
@@ -127,6 +223,7 @@ class ClusterSetRejected(Event):
     cloud: str | None = None
     region: str | None = None
     errors: list[FieldError]
+    fleet_rollout_id: str | None = Field(default=None, description="set when a fleet rollout's patch was refused")
 
     def aggregate(self) -> str:
         return self.clusterset or "_"
@@ -154,6 +251,7 @@ class ClusterRequested(ClusterEvent):
     generation: int
     config_hash: str
     spec: ClusterSpec
+    rollout_id: str | None = Field(default=None, description="set when a rotation asked for it (a surge cluster)")
 
 
 class ClusterUpdateRequested(ClusterEvent):
@@ -164,8 +262,20 @@ class ClusterUpdateRequested(ClusterEvent):
 
 
 class ClusterRetirementRequested(ClusterEvent):
-    reason: Literal["scale-down", "clusterset-deleted", "rotation", "manual"]
+    reason: Literal["scale-down", "clusterset-deleted", "rotation", "rollback", "manual"]
     drain: bool = False
+    rollout_id: str | None = None
+
+
+class RolloutMember(BaseModel):
+    """A cluster of the set as the planner knew it when it asked for the rollout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cluster_id: str
+    serial: int
+    config_hash: str
+    state: str
+    protected: bool = False
 
 
 class RolloutRequested(ClusterSetEvent):
@@ -173,8 +283,43 @@ class RolloutRequested(ClusterSetEvent):
     generation: int
     from_config_hashes: list[str]
     to_config_hash: str
+    cluster_type: str
     spec: ClusterSpec
     update_strategy: UpdateStrategy
+    count: int = Field(ge=0, description="how many clusters on the new config the rollout ends with")
+    # New clusters take serials from here up; the planner creates none while the rollout runs.
+    serial_base: int = Field(ge=0)
+    members: list[RolloutMember]
+    # The rotation fields of the spec that changed (from the planner's rule table).
+    changes: list[str] = Field(default_factory=list)
+    fleet_rollout_id: str | None = None
+
+
+class ClusterSetPatchRequested(ClusterSetEvent):
+    """A fleet rollout asks the planner to apply its patch to one set (a new generation of the set)."""
+
+    fleet_rollout_id: str
+    stage: str
+    patch: dict[str, Any]
+
+
+class ClusterSetConverged(ClusterSetEvent):
+    """Every live cluster of the set is READY on the set's current config (after an update or rollout)."""
+
+    generation: int
+    config_hash: str
+    count: int
+    fleet_rollout_id: str | None = None
+
+
+class ClusterSetUpdateFailed(ClusterSetEvent):
+    """An in-place update stopped: a cluster failed while being updated (the others are left as they are)."""
+
+    generation: int
+    config_hash: str
+    cluster_ids: list[str]
+    reason: str
+    fleet_rollout_id: str | None = None
 
 
 # cloud_provisioner
@@ -203,7 +348,7 @@ class ClusterProvisioned(ClusterEvent):
 
 
 class ClusterProvisioningFailed(ClusterEvent):
-    operation: Literal["provision", "deprovision"]
+    operation: Literal["provision", "deprovision", "update"]
     step: ProvisionStep | None
     code: str
     message: str
@@ -212,6 +357,15 @@ class ClusterProvisioningFailed(ClusterEvent):
 
 class ClusterDeprovisioned(ClusterEvent):
     pass
+
+
+class ClusterResourcesUpdated(ClusterEvent):
+    """An in-place update's cloud side is done (node pools, tags converged to the new spec)."""
+
+    generation: int
+    config_hash: str
+    resources: dict[str, dict[str, Any]]
+    changed: list[str] = Field(default_factory=list, description="steps whose resources were updated")
 
 
 # infra_installer
@@ -243,7 +397,7 @@ class InfraReconcileRequested(ClusterEvent):
     Handled locally through the same idempotent path as a delivered event; never published."""
 
     local_only: ClassVar[bool] = True
-    reason: Literal["retry", "drift"]
+    reason: Literal["retry", "drift", "drain"]
     bucket: int = Field(description="the time bucket it belongs to; one nudge per cluster and bucket")
 
 
@@ -264,36 +418,157 @@ class ClusterInfraFailed(ClusterEvent):
 # rotation
 class RolloutEvent(ClusterSetEvent):
     rollout_id: str
+    fleet_rollout_id: str | None = None
 
 
 class RolloutStarted(RolloutEvent):
     to_config_hash: str
+    count: int = 0
+    outdated: list[str] = Field(default_factory=list)
 
 
 class ClusterDrainRequested(ClusterEvent):
     rollout_id: str | None = None
+    timeout_seconds: float = 900
 
 
 class ClusterDrained(ClusterEvent):
     rollout_id: str | None = None
     timed_out: bool = False
+    evicted: int = 0
+    remaining: int = Field(default=0, description="pods still on the cluster (a timed-out drain)")
 
 
 class RolloutProgressed(RolloutEvent):
     replaced: int
     remaining: int
+    batch: int = 0
+    ready: int = 0
+    alive: int = 0
+
+
+class RolloutWaiting(RolloutEvent):
+    """Nothing disruptive may start now (outside the set's maintenance window)."""
+
+    reason: str
+    until: datetime | None = None
 
 
 class RolloutCompleted(RolloutEvent):
-    pass
+    next_serial: int = 0
 
 
 class RolloutPaused(RolloutEvent):
+    reason: str
+    failed: bool = Field(default=False, description="paused because a new cluster failed (not by an operator)")
+    cluster_ids: list[str] = Field(default_factory=list)
+
+
+class RolloutResumed(RolloutEvent):
+    pass
+
+
+class RolloutAborted(RolloutEvent):
+    reason: str
+    next_serial: int = 0
+
+
+class RolloutRollingBack(RolloutEvent):
+    """The rollout is being rolled back: the clusters it created are retired, the old ones kept."""
+
     reason: str
 
 
 class RolloutRolledBack(RolloutEvent):
     reason: str
+    next_serial: int = 0
+
+
+class RolloutTick(RolloutEvent):
+    """Rotation's own periodic nudge (maintenance windows open, timers): handled locally, never published."""
+
+    local_only: ClassVar[bool] = True
+    bucket: int
+
+
+# fleet-wide rollouts (aggregate: the fleet rollout id; they span locations)
+class FleetRolloutEvent(Event):
+    rollout_id: str
+
+    def aggregate(self) -> str:
+        return self.rollout_id
+
+    def subject(self) -> str:
+        return subjects.fleet(self.type_name(), None, None, self.rollout_id)
+
+
+class FleetRolloutStagePlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    clustersets: list[str]
+    soak_seconds: float = 0
+    approval: bool = False
+
+
+class FleetRolloutStarted(FleetRolloutEvent):
+    cluster_type: str
+    patch: dict[str, Any]
+    stages: list[FleetRolloutStagePlan]
+    max_in_flight: int
+    failure_budget: int
+
+
+class FleetRolloutRejected(FleetRolloutEvent):
+    errors: list[FieldError]
+
+
+class FleetRolloutStageStarted(FleetRolloutEvent):
+    stage: str
+
+
+class FleetRolloutAwaitingApproval(FleetRolloutEvent):
+    stage: str
+
+
+class FleetRolloutSetFinished(FleetRolloutEvent):
+    stage: str
+    clusterset: str
+    succeeded: bool
+    reason: str = ""
+
+
+class FleetRolloutStageCompleted(FleetRolloutEvent):
+    stage: str
+    soak_until: datetime | None = None
+
+
+class FleetRolloutPaused(FleetRolloutEvent):
+    reason: str
+
+
+class FleetRolloutResumed(FleetRolloutEvent):
+    pass
+
+
+class FleetRolloutHalted(FleetRolloutEvent):
+    reason: str
+    failed_sets: list[str]
+
+
+class FleetRolloutAborted(FleetRolloutEvent):
+    reason: str
+
+
+class FleetRolloutCompleted(FleetRolloutEvent):
+    succeeded: int
+    failed: int
+
+
+class FleetRolloutTick(FleetRolloutEvent):
+    """The fleet orchestrator's own nudge (soak timers): handled locally, never published."""
+
+    local_only: ClassVar[bool] = True
+    bucket: int
 
 
 # etcd_migration
@@ -345,7 +620,7 @@ class ControlPlaneUpgradeFailed(ControlPlaneEvent):
 def _all_event_classes() -> dict[str, type[Event]]:
     found: dict[str, type[Event]] = {}
     stack: list[type[Event]] = [Event]
-    abstract = {Event, FleetEvent, ClusterSetEvent, ClusterEvent, RolloutEvent, ControlPlaneEvent}
+    abstract = {Event, FleetEvent, ClusterSetEvent, ClusterEvent, RolloutEvent, ControlPlaneEvent, FleetRolloutEvent}
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():

@@ -13,6 +13,8 @@ STREAM_FLEET = "FLEET"
 STREAM_DEADLETTER = "DEADLETTER"
 
 CLUSTERSETS_ALL = "clusterset.>"
+CLUSTERSET_ROLLOUT_CONTROLS = "clusterset.rollout.*"
+FLEET_ROLLOUT_INTENTS = "clusterset.fleetrollout.*"
 FLEET_ALL = "fleet.>"
 DEADLETTER_ALL = "deadletter.>"
 
@@ -46,6 +48,14 @@ def clusterset_deleted(name: str | None) -> str:
 
 def clusterset_protection(name: str | None) -> str:
     return f"clusterset.protection.{token(name)}"
+
+
+def clusterset_rollout(name: str | None) -> str:
+    return f"clusterset.rollout.{token(name)}"
+
+
+def fleet_rollout_intent(rollout_id: str | None) -> str:
+    return f"clusterset.fleetrollout.{token(rollout_id)}"
 
 
 def fleet(event_type: str, cloud: str | None, region: str | None, aggregate: str | None) -> str:

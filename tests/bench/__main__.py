@@ -4,6 +4,11 @@ Pipeline: one ClusterSet of N clusters (sim cloud, zero latency) from apply unti
 API shows all N READY, through every service as its own process over real NATS and Redis.
 Floor: bare nats-py publishing the same number of messages of the same size to a JetStream
 file stream and fetching + acking them back, on the same nats-server.
+Rotation: the same N clusters get a Kubernetes minor version bump with maxSurge 10% and are
+replaced batch by batch until the rollout completes: wall time, FLEET events per rotated
+cluster, and the orchestration overhead per batch (how long rotation takes to react to the
+fact that lets a batch move on: READY -> drain, drained -> retire, deleted -> next batch),
+taken from event times in the stream. It has its own floor (the same number of messages).
 Last line: `pipeline_vs_floor=<pipeline seconds / floor seconds>`.
 """
 
@@ -16,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import nats
@@ -47,9 +53,7 @@ async def fleet_stats(fleet: Fleet) -> tuple[int, int]:
 
 
 async def pipeline(fleet: Fleet, clusters: int) -> float:
-    doc = copy.deepcopy(example_documents()["modelserving-prod-aws-us-east-1"])
-    doc["metadata"]["name"] = "bench-prod-aws-us-east-1"
-    doc["spec"]["count"] = clusters
+    doc = bench_document(clusters)
     async with fleet.client() as client:
         await fleet.wait_for(client.ready, what="status API")
         started = time.perf_counter()
@@ -62,6 +66,58 @@ async def pipeline(fleet: Fleet, clusters: int) -> float:
 
         await fleet.wait_for(all_ready, timeout=1800, what=f"{clusters} clusters READY")
         return time.perf_counter() - started
+
+
+async def rotation(fleet: Fleet, clusters: int) -> float:
+    doc = bench_document(clusters)
+    doc["spec"]["kubernetesVersion"] = "1.31"
+    doc["spec"]["updateStrategy"] = {"type": "cluster-rotation", "maxSurge": max(1, clusters // 10),
+                                     "maxUnavailable": 0}  # fmt: skip
+    async with fleet.client() as client:
+        started = time.perf_counter()
+        result = await client.apply(doc, wait_s=120)
+        assert result.accepted, result.errors
+
+        async def completed() -> bool:
+            view = await client.clusterset(doc["metadata"]["name"]) or {}
+            return (view.get("rollout") or {}).get("state") == "COMPLETED"
+
+        await fleet.wait_for(completed, timeout=3600, what="rotation completed")
+        return time.perf_counter() - started
+
+
+async def rotation_reactions(fleet: Fleet, first_seq: int) -> dict[str, float]:
+    """Mean ms from the fact that allowed a rotation decision to the decision, per kind of decision."""
+    nc = await nats.connect(fleet.settings.nats_url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(subjects.FLEET_ALL, stream=subjects.STREAM_FLEET,
+                                  config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
+                                                              opt_start_seq=first_seq,
+                                                              ack_policy=jsapi.AckPolicy.NONE))  # fmt: skip
+    times: dict[str, tuple[str, datetime]] = {}
+    delays: dict[str, list[float]] = {"drain": [], "retire": [], "create": []}
+    kind = {"ClusterDrainRequested": "drain", "ClusterRetirementRequested": "retire", "ClusterRequested": "create"}
+    while True:
+        try:
+            msgs = await sub.fetch(500, timeout=2)
+        except nats.errors.TimeoutError:
+            break
+        for m in msgs:
+            env = json.loads(m.data)
+            at = datetime.fromisoformat(env["time"])
+            times[env["id"]] = (env["type"], at)
+            cause = times.get(env.get("causation_id") or "")
+            if env["source"] == "rotation" and env["type"] in kind and cause:
+                delays[kind[env["type"]]].append((at - cause[1]).total_seconds() * 1000)
+    await nc.close()
+    return {k: (sum(v) / len(v) if v else 0.0) for k, v in delays.items()}
+
+
+def bench_document(clusters: int) -> dict:
+    doc = copy.deepcopy(example_documents()["modelserving-prod-aws-us-east-1"])
+    doc["metadata"]["name"] = "bench-prod-aws-us-east-1"
+    doc["spec"]["count"] = clusters
+    return doc
 
 
 async def floor(nats_url: str, messages: int, size: int) -> tuple[float, float]:
@@ -108,8 +164,16 @@ async def main(clusters: int) -> None:
         cpu["nats-server"] = cpu_s(fleet.nats.proc.pid)
         cpu["redis-server"] = cpu_s(fleet.redis.proc.pid)
         publish_s, consume_s = await floor(fleet.settings.nats_url, events, max(1, stream_bytes // max(events, 1)))
+        rotate_wall = await rotation(fleet, clusters)
+        all_events, all_bytes = await fleet_stats(fleet)
+        rotate_events = all_events - events
+        reactions = await rotation_reactions(fleet, events + 1)
+        rot_publish_s, rot_consume_s = await floor(fleet.settings.nats_url, rotate_events,
+                                                   max(1, (all_bytes - stream_bytes) // max(rotate_events, 1)))
+        rotation_cpu = cpu_s(fleet.procs[("rotation", 0)].pid) - cpu["rotation"]
     finally:
         fleet.stop()
+    batches = -(-clusters // max(1, clusters // 10))
     floor_s = publish_s + consume_s
     print(f"clusters={clusters}")
     print(f"pipeline_wall_s={wall:.2f}")
@@ -121,6 +185,12 @@ async def main(clusters: int) -> None:
     print(f"floor_s={floor_s:.2f}")
     print("service_rss_mib=" + json.dumps({k: round(v, 1) for k, v in rss.items()}))
     print("cpu_s=" + json.dumps({k: round(v, 1) for k, v in cpu.items()}))
+    print(f"rotation_wall_s={rotate_wall:.2f} batches={batches} max_surge={max(1, clusters // 10)}")
+    print(f"rotation_events={rotate_events} events_per_rotated_cluster={rotate_events / clusters:.1f}")
+    print("rotation_reaction_ms=" + json.dumps({k: round(v, 1) for k, v in reactions.items()}))
+    print(f"rotation_orchestration_ms_per_batch={sum(reactions.values()):.1f}"
+          f" rotation_cpu_ms_per_batch={rotation_cpu * 1000 / batches:.0f}")
+    print(f"rotation_vs_floor={rotate_wall / (rot_publish_s + rot_consume_s):.1f}")
     print(f"pipeline_vs_floor={wall / floor_s:.1f}")
 
 

@@ -18,10 +18,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.cloud_provisioner.providers.simcloud import SimCloud
+from shared.bus import connect_bus
 from shared.client import FlotillaClient
 from shared.config import Settings
 from shared.embedded import SERVICES, ServerProcess, free_port, nats_server, redis_server, service_env, start_service
-from shared.events import subjects
+from shared.events import Envelope, subjects
+from tests.helpers import fleet_events
 
 
 @dataclass
@@ -105,6 +107,14 @@ class Fleet:
 
     def redis_client(self) -> Redis:
         return Redis.from_url(self.settings.redis_url, decode_responses=True)
+
+    async def events(self) -> list[Envelope]:
+        """Every FLEET event so far, in stream order."""
+        bus = await connect_bus(self.settings, "e2e-history", ensure_streams=False)
+        try:
+            return await fleet_events(bus)
+        finally:
+            await bus.close()
 
     async def sim_inventory(self, cluster_id: str | None = None) -> dict[str, dict[str, int]]:
         redis = self.redis_client()

@@ -3,7 +3,8 @@
 The real client libraries (transport="rest", AnonymousCredentials, client_options api_endpoint =
 `FakeGcp.url`) talk to it over loopback HTTP. It serves, under one address, the paths the libraries
 build (checked against their rest_base.py http options):
-  GKE v1      /v1/projects/P/locations/L/clusters[/C[/nodePools[/N[:setAutoscaling]]]], .../operations/O
+  GKE v1      /v1/projects/P/locations/L/clusters[/C[:setResourceLabels][/nodePools[/N[:setAutoscaling|:setSize]]]],
+              PUT .../nodePools/N (UpdateNodePool), .../operations/O
   Compute v1  /compute/v1/projects/P/global/{networks,firewalls,operations}[/X],
               /compute/v1/projects/P/regions/R/{subnetworks,operations}[/X]   (?requestId= deduplicates)
   Pub/Sub v1  /v1/projects/P/topics/T (PUT creates)
@@ -13,7 +14,8 @@ It stores resources, runs long-running operations that are PENDING, then RUNNING
 `op_polls` reads (of the operation or of its target resource), answers errors in Google's JSON error
 shape, enforces what the real APIs enforce and a driver could get wrong (409 on a second create, one
 GKE operation per cluster at a time, no deleting a network that a subnetwork or firewall still uses, no
-deleting a cluster that is still provisioning, stale etags), records every request and injects faults.
+deleting a cluster that is still provisioning, stale etags and label fingerprints), records every request
+and injects faults.
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ class ApiError(Exception):
             error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": self.reason,
                                  "domain": "googleapis.com"}]  # fmt: skip
         return {"error": error}
+
+
+def _fingerprint(labels: Json) -> str:
+    return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fake_ca(seed: str) -> str:
@@ -231,6 +237,13 @@ class FakeGcp:
             ("POST",
              rf"^/v1/projects/{p}/locations/(?P<loc>[^/]+)/clusters/(?P<name>[^/]+)/nodePools/(?P<pool>[^/:]+)"
              r":setAutoscaling$", self._set_autoscaling),
+            ("POST",
+             rf"^/v1/projects/{p}/locations/(?P<loc>[^/]+)/clusters/(?P<name>[^/]+)/nodePools/(?P<pool>[^/:]+)"
+             r":setSize$", self._set_size),
+            ("PUT", rf"^/v1/projects/{p}/locations/(?P<loc>[^/]+)/clusters/(?P<name>[^/]+)/nodePools/(?P<pool>[^/:]+)$",
+             self._update_pool),
+            ("POST", rf"^/v1/projects/{p}/locations/(?P<loc>[^/]+)/clusters/(?P<name>[^/:]+):setResourceLabels$",
+             self._set_labels),
             ("GET", rf"^/v1/projects/{p}/locations/(?P<loc>[^/]+)/operations/(?P<op>[^/]+)$", self._get_operation),
             ("POST", rf"^/compute/v1/projects/{p}/global/(?P<kind>networks|firewalls)$", self._insert_compute),
             ("POST", rf"^/compute/v1/projects/{p}/regions/(?P<region>[^/]+)/(?P<kind>subnetworks)$",
@@ -343,6 +356,7 @@ class FakeGcp:
         cluster.update(status="PROVISIONING", selfLink=self_link, location=loc)
         cluster["nodePools"] = [dict(p, status="PROVISIONING", selfLink=f"{self_link}/nodePools/{p['name']}")
                                 for p in cluster.get("nodePools", [])]  # fmt: skip
+        cluster["labelFingerprint"] = _fingerprint(cluster.get("resourceLabels") or {})
         self.clusters[key] = cluster
         self.created["cluster"] += 1
 
@@ -421,6 +435,37 @@ class FakeGcp:
             raise ApiError(400, f"Cluster {name} is running incompatible operation.", "FAILED_PRECONDITION")
         wanted = body.get("autoscaling") or {}
         return self._start_op(method, path, key, "SET_NODE_POOL_SIZE", lambda: found.update(autoscaling=wanted))
+
+    def _set_size(self, loc: str, name: str, pool: str, body: Json, method: str, path: str, **_: Any) -> Json:
+        key, _cluster, found = self._pool(loc, name, pool)
+        if self._busy(key.rsplit("/nodePools/", 1)[0]):
+            raise ApiError(400, f"Cluster {name} is running incompatible operation.", "FAILED_PRECONDITION")
+        count = int(body.get("nodeCount") or 0)
+        return self._start_op(method, path, key, "SET_NODE_POOL_SIZE", lambda: found.update(nodeCount=count))
+
+    def _update_pool(self, loc: str, name: str, pool: str, body: Json, method: str, path: str, **_: Any) -> Json:
+        """UpdateNodePool: each of labels, taints and resourceLabels that is given replaces the whole set."""
+        key, _cluster, found = self._pool(loc, name, pool)
+        if self._busy(key.rsplit("/nodePools/", 1)[0]):
+            raise ApiError(400, f"Cluster {name} is running incompatible operation.", "FAILED_PRECONDITION")
+        changes = {field: (body[field] or {}).get(inner) or ({} if inner == "labels" else [])
+                   for field, inner in (("labels", "labels"), ("taints", "taints"), ("resourceLabels", "labels"))
+                   if field in body}  # fmt: skip
+        if not changes:
+            raise ApiError(400, "At least one field must be updated.")
+        return self._start_op(method, path, key, "UPGRADE_NODES",
+                              lambda: found.setdefault("config", {}).update(changes))  # fmt: skip
+
+    def _set_labels(self, loc: str, name: str, body: Json, method: str, path: str, **_: Any) -> Json:
+        key, cluster = self._cluster(loc, name)
+        if body.get("labelFingerprint") != cluster.get("labelFingerprint"):
+            raise ApiError(400, "Labels could not be set due to fingerprint mismatch.", "FAILED_PRECONDITION")
+        labels = dict(body.get("resourceLabels") or {})
+
+        def done() -> None:
+            cluster.update(resourceLabels=labels, labelFingerprint=_fingerprint(labels))
+
+        return self._start_op(method, path, key, "SET_LABELS", done)
 
     # ------------------------------------------------------------------ Compute
     def _compute_store(self, kind: str, region: str | None) -> tuple[dict[str, Json], str]:

@@ -17,6 +17,14 @@ It implements what the installer's real adapter needs, with the real API's shape
   status      GET/PATCH/PUT `<object>/status` (writes only `.status`; the main resource ignores `.status`)
   CRDs        a CustomResourceDefinition named `<plural>.<group>` registers its served versions for discovery
               once its `Established` condition is True, then objects of that kind can be applied
+  eviction    POST `pods/<name>/eviction` (a policy/v1 Eviction), decided as the API server does: pods that are
+              terminating, finished or Pending go at once; a pod covered by more than one PodDisruptionBudget is
+              refused (500); otherwise the budget's healthy pods are counted now (Ready, not terminating, matching
+              its selector; an empty selector covers nothing here) and an eviction that would leave fewer than
+              minAvailable / more than maxUnavailable unavailable (int or percent of the expected pods, rounded
+              up) is refused with 429 TooManyRequests in the API's Status shape; a not-Ready pod of a healthy
+              budget goes without using it (unhealthyPodEvictionPolicy). An accepted eviction deletes the pod
+              (201), or with `graceful_eviction=True` marks it terminating until `reap()`
 
 Field ownership is simplified but honest: every top-level field except apiVersion/kind/metadata/status, plus
 metadata.labels and metadata.annotations, is tracked down to its leaves; a list whose items are all objects
@@ -28,11 +36,14 @@ name label) are owned by no manager, as on a real API server.
 and StatefulSets report themselves rolled out for their current generation, CRDs become Established,
 Services get an EndpointSlice with ready endpoints once a matching workload is available, and webhook
 configurations annotated `cert-manager.io/inject-ca-from[-secret]` get their service webhooks' caBundle
-filled (by manager "cainjector", as cert-manager does). `stall(kind, name, namespace)` keeps one object from
+filled (by manager "cainjector", as cert-manager does), and PodDisruptionBudgets get their status (observedGeneration,
+expectedPods, currentHealthy, desiredHealthy, disruptionsAllowed, the DisruptionAllowed condition) kept up to date
+as pods and budgets change, as the disruption controller does. `stall(kind, name, namespace)` keeps one object from
 becoming ready (Available=False, as a crash-looping Deployment reports); `recover(...)` lets it. With
 `controllers=False` nothing happens by itself: tests write statuses through the `/status` subresource.
 
-Every request is recorded (`requests`, `calls`, `writes`) and faults can be injected (`fail`).
+Every request is recorded (`requests`, `calls`, `writes`) and faults can be injected (`fail`). `seed(obj)` stores
+an object the way the cluster's own components made it (a Node, a Pod with its status and owners), unrecorded.
 """
 
 from __future__ import annotations
@@ -43,11 +54,12 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -65,6 +77,7 @@ WEBHOOK_KINDS = ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration
 CA_INJECT_ANNOTATIONS = ("cert-manager.io/inject-ca-from", "cert-manager.io/inject-ca-from-secret")
 ENDPOINTSLICE_MANAGER = "endpointslice-controller.k8s.io"
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+PDB_REFUSAL = "Cannot evict pod as it would violate the pod's disruption budget."
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
@@ -300,7 +313,7 @@ def _split_selector(text: str) -> list[str]:
 
 def label_matcher(selector: str) -> Any:
     """A predicate on a labels dict for a labelSelector string; raises ApiError(400) on bad syntax."""
-    tests = []
+    tests: list[Callable[..., bool]] = []
     for req in _split_selector(selector):
         if m := re.fullmatch(r"([^\s!=]+)\s+(in|notin)\s+\((.*)\)", req):
             key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
@@ -369,8 +382,9 @@ def _cond(type_: str, status: bool, reason: str, message: str) -> Json:
 
 class FakeKubeApi:
     def __init__(self, *, controllers: bool = True, kubernetes_version: str = "1.31.4",
-                 nodes: list[Json] | None = None) -> None:  # fmt: skip
+                 nodes: list[Json] | None = None, graceful_eviction: bool = False) -> None:  # fmt: skip
         self.controllers = controllers
+        self.graceful_eviction = graceful_eviction
         self.kubernetes_version = kubernetes_version
         # Node labels the simulated DaemonSet controller schedules onto (nodeSelector is honoured).
         self.nodes = nodes if nodes is not None else [{"kubernetes.io/os": "linux"} for _ in range(3)]
@@ -464,6 +478,31 @@ class FakeKubeApi:
             self.stalled.discard((kind, namespace or "", name))
             self._reconcile_named(kind, name, namespace)
 
+    def seed(self, obj: Json) -> Json:
+        """Store `obj` as the cluster's own components would have made it: its namespace is created if needed,
+        metadata.ownerReferences and `status` are kept as given, and no request is recorded."""
+        with self.lock:
+            group, _, version = obj["apiVersion"].rpartition("/")
+            kind = next(k for k in self.kinds.values() if (k.group, k.version, k.kind) == (group, version, obj["kind"]))
+            ns = obj["metadata"].get("namespace", "default") if kind.namespaced else ""
+            if kind.namespaced and ("", "namespaces", "", ns) not in self.store:
+                self._system_create(self._kind("", "Namespace"), {"metadata": {"name": ns}})
+            self._create(kind, ns, {k: v for k, v in obj.items() if k != "status"}, "seed")
+            key = (kind.group, kind.plural, ns, obj["metadata"]["name"])
+            if "status" in obj:
+                self._set_status(key, copy.deepcopy(obj["status"]))
+            return self._render(self.store[key], kind)
+
+    def reap(self) -> list[str]:
+        """The kubelets finish every terminating pod (graceful_eviction): they are gone. Returns "ns/name"s."""
+        with self.lock:
+            pod = self._kind("", "Pod")
+            gone = [key for key, s in sorted(self.store.items())
+                    if key[:2] == ("", "pods") and s.obj["metadata"].get("deletionTimestamp")]  # fmt: skip
+            for key in gone:
+                self._delete(pod, key)
+            return [f"{key[2]}/{key[3]}" for key in gone]
+
     def served(self) -> set[str]:
         """'<apiVersion> <Kind>' for every kind discovery lists."""
         with self.lock:
@@ -527,6 +566,10 @@ class FakeKubeApi:
         sub = rest[2] if len(rest) > 2 else None
         if namespace is not None and not kind.namespaced:
             raise NO_RESOURCE
+        if sub == "eviction" and kind.kind == "Pod" and name is not None and namespace is not None:
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on pods/eviction")
+            return 201, self._evict(namespace, name, body)
         if sub is not None and (sub != "status" or not kind.status):
             raise NO_RESOURCE
         if name is not None and kind.namespaced and namespace is None:
@@ -616,6 +659,9 @@ class FakeKubeApi:
             if k.status:
                 resources.append({"name": f"{k.plural}/status", "singularName": "", "namespaced": k.namespaced,
                                   "kind": k.kind, "verbs": ["get", "patch", "update"]})  # fmt: skip
+            if k.kind == "Pod" and not k.group:
+                resources.append({"name": "pods/eviction", "singularName": "", "namespaced": True, "group": "policy",
+                                  "version": "v1", "kind": "Eviction", "verbs": ["create"]})  # fmt: skip
         gv = f"{group}/{version}" if group else version
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
 
@@ -849,7 +895,7 @@ class FakeKubeApi:
                            {"name": key[3], "group": kind.group, "kind": kind.plural})  # fmt: skip
         new = self._new_object(kind, ns, body)
         new.update(copy.deepcopy(_content(body)))
-        for k in ("labels", "annotations"):
+        for k in ("labels", "annotations", "ownerReferences"):
             if body["metadata"].get(k):
                 new["metadata"][k] = copy.deepcopy(body["metadata"][k])
         return self._write_update(kind, key, new, manager)
@@ -869,6 +915,8 @@ class FakeKubeApi:
         if kind.kind == "CustomResourceDefinition":
             self._unregister(stored.obj["metadata"]["name"])
         self._sync_endpoints(key[2])
+        if kind.kind == "Pod":
+            self._sync_budgets(key[2])
         details = {"name": key[3], "group": kind.group, "kind": kind.plural, "uid": stored.obj["metadata"]["uid"]}
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": details}
 
@@ -905,6 +953,8 @@ class FakeKubeApi:
             self._register_if_established(stored)
         if stored.kind.kind in WORKLOADS:
             self._sync_endpoints(key[2])
+        if stored.kind.kind == "Pod":
+            self._sync_budgets(key[2])
 
     # ------------------------------------------------------------------ defaults (what admission/defaulting adds)
     def _default(self, kind: Kind, obj: Json) -> None:
@@ -954,8 +1004,8 @@ class FakeKubeApi:
             return
         crd = self.store.get(("apiextensions.k8s.io", "customresourcedefinitions", "", crd_name))
         if crd is None:  # the CRD itself is gone: so are its objects
-            for key in [key for key, s in self.store.items() if s.kind.crd == crd_name]:
-                del self.store[key]
+            for stored_key in [k for k, s in self.store.items() if s.kind.crd == crd_name]:
+                del self.store[stored_key]
 
     # ------------------------------------------------------------------ simulated controllers
     def _after_write(self, stored: Stored) -> None:
@@ -981,6 +1031,8 @@ class FakeKubeApi:
             self._inject_ca(stored)
         if kind in (*WORKLOADS, "Service"):
             self._sync_endpoints(stored.obj["metadata"].get("namespace", ""))
+        if kind in ("Pod", "PodDisruptionBudget"):
+            self._sync_budgets(stored.obj["metadata"].get("namespace", ""))
 
     def _is_stalled(self, stored: Stored) -> bool:
         meta = stored.obj["metadata"]
@@ -1091,6 +1143,129 @@ class FakeKubeApi:
             new.update(body)
             if existing is None or existing.obj != new:
                 self._write_update(slice_kind, key, new, "endpointslice-controller")
+
+
+    # ------------------------------------------------------------------ evictions and disruption budgets
+    def _pods_in(self, namespace: str) -> list[Json]:
+        return [s.obj for key, s in sorted(self.store.items()) if key[:3] == ("", "pods", namespace)]
+
+    def _budgets_in(self, namespace: str) -> list[tuple[tuple[str, str, str, str], Json]]:
+        return [(key, s.obj) for key, s in sorted(self.store.items())
+                if key[:3] == ("policy", "poddisruptionbudgets", namespace)]  # fmt: skip
+
+    def _budget_status(self, pdb: Json, old: Json | None = None) -> Json:
+        """The disruption controller's view of a budget, counted from the pods there are now."""
+        spec = pdb.get("spec") or {}
+        pods = [p for p in self._pods_in(pdb["metadata"]["namespace"])
+                if _selects(spec.get("selector"), p["metadata"].get("labels") or {}, empty_matches_all=True)]
+        expected = sum((p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") for p in pods)
+        healthy = sum(_pod_ready(p) and not p["metadata"].get("deletionTimestamp") for p in pods)
+        try:
+            if spec.get("maxUnavailable") is not None:
+                desired = max(0, expected - _scaled(spec["maxUnavailable"], expected))
+            else:
+                desired = _scaled(spec.get("minAvailable", 0), expected)
+        except ValueError:
+            desired = expected  # a value the controller cannot read: no disruption is allowed
+        allowed = max(0, healthy - desired)
+        cond = _cond("DisruptionAllowed", allowed > 0, "SufficientPods" if allowed else "InsufficientPods", "")
+        for c in (old or {}).get("conditions") or []:
+            if c.get("type") == cond["type"] and c.get("status") == cond["status"]:
+                cond["lastTransitionTime"] = c.get("lastTransitionTime")
+        return {"observedGeneration": pdb["metadata"].get("generation", 1), "disruptionsAllowed": allowed,
+                "currentHealthy": healthy, "desiredHealthy": desired, "expectedPods": expected,
+                "conditions": [cond]}  # fmt: skip
+
+    def _sync_budgets(self, namespace: str) -> None:
+        if not self.controllers or not namespace:
+            return
+        for key, pdb in self._budgets_in(namespace):
+            status = self._budget_status(pdb, pdb.get("status"))
+            if status != pdb.get("status"):
+                self._set_status(key, status)
+
+    def _evict(self, namespace: str, name: str, body: Any) -> Json:
+        """pods/<name>/eviction, decided as the API server does (see the module docstring)."""
+        # Without apiVersion/kind the endpoint's own kind is assumed, as the API server decodes it.
+        if not isinstance(body, dict) or body.get("kind", "Eviction") != "Eviction" \
+                or body.get("apiVersion", "policy/v1") not in ("policy/v1", "policy/v1beta1"):  # fmt: skip
+            raise ApiError(400, "BadRequest", "the body must be a policy/v1 Eviction")
+        meta = body.get("metadata") or {}
+        if meta.get("name") != name:
+            raise ApiError(400, "BadRequest", "name in URL does not match name in Eviction object")
+        if meta.get("namespace") not in (None, "", namespace):
+            raise ApiError(400, "BadRequest", "namespace in URL does not match namespace in Eviction object")
+        pod_kind = self._kind("", "Pod")
+        key = ("", "pods", namespace, name)
+        stored = self.store.get(key)
+        if stored is None:
+            raise _not_found(pod_kind, name)
+        pod = stored.obj
+        if pod["metadata"].get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in (
+                "Succeeded", "Failed", "Pending"):  # fmt: skip
+            return self._evicted(key)
+        labels = pod["metadata"].get("labels") or {}
+        budgets = [pdb for _k, pdb in self._budgets_in(namespace)
+                   if _selects((pdb.get("spec") or {}).get("selector"), labels, empty_matches_all=False)]  # fmt: skip
+        if len(budgets) > 1:
+            raise ApiError(500, "InternalError", "This pod has more than one PodDisruptionBudget, which the eviction "
+                                                 "subresource does not support.")  # fmt: skip
+        if not budgets:
+            return self._evicted(key)
+        pdb = budgets[0]
+        status = self._budget_status(pdb)
+        healthy, desired = status["currentHealthy"], status["desiredHealthy"]
+        if not _pod_ready(pod) and ((pdb.get("spec") or {}).get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+                                    or healthy >= desired > 0):  # fmt: skip
+            return self._evicted(key)
+        if status["disruptionsAllowed"] <= 0:
+            raise ApiError(429, "TooManyRequests", PDB_REFUSAL, {"causes": [{
+                "reason": "DisruptionBudget",
+                "message": f"The disruption budget {pdb['metadata']['name']} needs {desired} healthy pods and has "
+                           f"{healthy} currently"}]})  # fmt: skip
+        return self._evicted(key)
+
+    def _evicted(self, key: tuple[str, str, str, str]) -> Json:
+        if self.graceful_eviction:
+            stored = self.store[key]
+            if not stored.obj["metadata"].get("deletionTimestamp"):
+                stored.obj["metadata"]["deletionTimestamp"] = _now()
+                stored.obj["metadata"]["deletionGracePeriodSeconds"] = 30
+                stored.obj["metadata"]["resourceVersion"] = str(next(self._rv))
+                self._sync_budgets(key[2])
+        else:
+            self._delete(self._kind("", "Pod"), key)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+
+def _pod_ready(pod: Json) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _scaled(value: Any, total: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\d+%", value):
+        return math.ceil(int(value[:-1]) * total / 100)
+    raise ValueError(f"invalid value for IntOrString: {value!r}")
+
+
+def _selects(selector: Json | None, labels: Json, empty_matches_all: bool) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions) against labels. The disruption controller lets an empty
+    selector match every pod of the namespace (policy/v1); the Eviction API lets it match none."""
+    if not selector or not (selector.get("matchLabels") or selector.get("matchExpressions")):
+        return empty_matches_all and selector is not None
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values, "Exists": key in labels,
+              "DoesNotExist": key not in labels}.get(op)  # fmt: skip
+        if not ok:
+            return False
+    return True
 
 
 def _name_problem(kind: Kind, name: str) -> str | None:

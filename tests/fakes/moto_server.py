@@ -118,6 +118,9 @@ _EKS_ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/clusters/[^/]+/node-groups/[^/]+$"), "DescribeNodegroup"),
     ("DELETE", re.compile(r"^/clusters/[^/]+/node-groups/[^/]+$"), "DeleteNodegroup"),
     ("POST", re.compile(r"^/clusters/[^/]+/node-groups/[^/]+/update-config$"), "UpdateNodegroupConfig"),
+    ("POST", re.compile(r"^/tags/.+$"), "TagResource"),
+    ("DELETE", re.compile(r"^/tags/.+$"), "UntagResource"),
+    ("GET", re.compile(r"^/tags/.+$"), "ListTagsForResource"),
 ]
 _SERVICE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/")
 
@@ -174,7 +177,7 @@ class Proxy:
                 body = self.rfile.read(length) if length else b""
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
-                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                conn = http.client.HTTPConnection(up.hostname or "127.0.0.1", up.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()

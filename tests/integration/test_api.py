@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import AsyncIterator
@@ -11,14 +12,15 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from services.status_projector import core
+from services.status_projector import core, schemas
 from services.status_projector import testing as T
 from services.status_projector.api import create_app
 from services.status_projector.projector import Projector
 from services.status_projector.store import Loaded, ViewKeys, encode_cursor, stage_batch
 from shared.bus import Bus
 from shared.config import Settings
-from shared.events import Envelope
+from shared.events import Envelope, new_event
+from shared.events import models as m
 from tests.conftest import example_documents
 
 DOCS = example_documents()
@@ -39,14 +41,37 @@ async def projector(bus: Bus, redis: Redis, settings: Settings) -> AsyncIterator
     await p.stop()
 
 
-@pytest.fixture
-async def client(bus: Bus, redis: Redis, settings: Settings, projector: Projector) -> AsyncIterator[httpx.AsyncClient]:
-    events = history()
+def rollout_history() -> list[Envelope]:
+    """A fleet rollout over both sets (k131: halted; its AWS set's rotation k131-a: completed), then a rotation
+    of the Azure set of its own (de-rot: in progress)."""
+    fleet = T.fleet_rollout_history("k131", (CS, ["ms-1", "ms-2"]), (AZ, ["de-1"]), T.T0 + T.STEP * 1000)
+    solo = T.rotation(AZ, T.with_spec(AZ, kubernetes_version="1.32"), T.accepted(AZ), "de-rot", ["de-1"], ["de-2"],
+                      T.T0 + T.STEP * 2000)  # fmt: skip
+    return [*fleet, *solo[:2]]  # de-rot: requested and started
+
+
+@contextlib.asynccontextmanager
+async def api_over(events: list[Envelope], bus: Bus, redis: Redis, settings: Settings,
+                   projector: Projector) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+    """The API in-process (ASGI) over the views of `events`, published to FLEET and projected."""
     for env in events:
         await bus.publish(env)
     await projector.wait_for(len(events), 20)
     app = create_app(settings, redis=redis, bus=bus, projector=projector)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+        yield c
+
+
+@pytest.fixture
+async def client(bus: Bus, redis: Redis, settings: Settings, projector: Projector) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_over(history(), bus, redis, settings, projector) as c:
+        yield c
+
+
+@pytest.fixture
+async def rollouts(bus: Bus, redis: Redis, settings: Settings,
+                   projector: Projector) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+    async with api_over([*history(), *rollout_history()], bus, redis, settings, projector) as c:
         yield c
 
 
@@ -124,7 +149,7 @@ async def test_the_python_client_reads_the_api(client: httpx.AsyncClient, settin
     api._http = client  # route its requests into the ASGI app
     assert [c["id"] for c in await api.clusters(state="READY")] == ["de-1", "ms-1", "ms-2"]
     assert [s["name"] for s in await api.clustersets()] == sorted([MS, DE])
-    assert (await api.cluster("ms-1"))["state"] == "READY" and await api.cluster("nope") is None
+    assert (await api.cluster("ms-1") or {})["state"] == "READY" and await api.cluster("nope") is None
 
 
 async def test_one_cluster_and_its_history(client: httpx.AsyncClient) -> None:
@@ -183,6 +208,15 @@ async def test_discovery_lists_ready_clusters_with_endpoints(client: httpx.Async
         ("/v1/clustersets", {"cursor": "bm9wZQ"}, "cursor"),
         ("/v1/clusters/ms-1/events", {"cursor": encode_cursor("e", "x")}, "cursor"),
         ("/v1/clusters/ms-1/events", {"limit": "-1"}, "limit"),
+        ("/v1/rollouts", {"kind": "weekly"}, "kind"),
+        ("/v1/rollouts", {"state": "RUNNING"}, "state"),
+        ("/v1/rollouts", {"state": "paused"}, "state"),
+        ("/v1/rollouts", {"clusterset": "Bad_Name"}, "clusterset"),
+        ("/v1/rollouts", {"cluster": "x"}, "cluster"),
+        ("/v1/rollouts", {"limit": "1001"}, "limit"),
+        ("/v1/rollouts", {"cursor": encode_cursor("c", "ms-1")}, "cursor"),
+        ("/v1/rollouts/k131", {"kind": "both"}, "kind"),
+        ("/v1/rollouts/k131", {"state": "HALTED"}, "state"),
     ],
 )
 async def test_bad_query_parameters_are_422_with_a_message(
@@ -201,6 +235,7 @@ async def test_bad_query_parameters_are_422_with_a_message(
         ("/v1/clusters/nope/events", "cluster 'nope'"),
         ("/v1/clustersets/nope", "clusterset 'nope'"),
         ("/v1/clustersets/nope/events", "clusterset 'nope'"),
+        ("/v1/rollouts/nope", "rollout 'nope'"),
     ],
 )
 async def test_unknown_ids_are_404_with_a_message(client: httpx.AsyncClient, url: str, what: str) -> None:
@@ -221,7 +256,11 @@ async def test_health_readiness_and_openapi(
                                                         "lastError": None}  # fmt: skip
     spec = await get(client, "/openapi.json")
     assert {"/v1/clustersets", "/v1/clustersets/{name}", "/v1/clusters", "/v1/clusters/{cluster_id}",
-            "/v1/clusters/{cluster_id}/events", "/v1/discovery", "/healthz", "/readyz"} <= set(spec["paths"])
+            "/v1/clusters/{cluster_id}/events", "/v1/discovery", "/healthz", "/readyz", "/v1/rollouts",
+            "/v1/rollouts/{rollout_id}"} <= set(spec["paths"])  # fmt: skip
+    params = {p["name"] for p in spec["paths"]["/v1/rollouts"]["get"]["parameters"]}
+    assert {"kind", "clusterset", "state", "limit", "cursor", "continue"} <= params
+    assert {"ClusterSetRollout", "FleetRollout", "FleetSetEntry", "RolloutPage"} <= set(spec["components"]["schemas"])
     params = {p["name"] for p in spec["paths"]["/v1/clusters"]["get"]["parameters"]}
     assert {"clusterset", "state", "env", "cloud", "region", "clusterType", "limit", "cursor", "continue"} <= params
     assert "Cluster" in spec["components"]["schemas"] and "Member" in spec["components"]["schemas"]
@@ -231,6 +270,107 @@ async def test_health_readiness_and_openapi(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c2:
         r = await c2.get("/readyz")
         assert r.status_code == 503 and r.json()["projector"]["running"] is False
+
+
+# ---------------------------------------------------------------- rollouts
+def ids_and_kinds(page: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(r["id"], r["kind"]) for r in page["items"]]
+
+
+async def test_rollouts_of_both_kinds_filtered(rollouts: httpx.AsyncClient) -> None:
+    page = await get(rollouts, "/v1/rollouts")
+    assert ids_and_kinds(page) == [("de-rot", "ClusterSetRollout"), ("k131", "FleetRollout"),
+                                   ("k131-a", "ClusterSetRollout")] and page["next"] is None  # fmt: skip
+    schemas.RolloutPage.model_validate(page)
+    fleet = page["items"][1]
+    assert "sets" not in fleet and "timeline" not in fleet and fleet["setCounts"]["FAILED"] == 1
+    assert fleet["state"] == "HALTED" and fleet["stages"][0]["name"] == "canary"
+    assert "createdClusters" not in page["items"][2] and page["items"][2]["state"] == "COMPLETED"
+
+    async def ids(**params: str) -> list[str]:
+        r = await rollouts.get("/v1/rollouts", params=params)
+        assert r.status_code == 200, r.text
+        return [item["id"] for item in r.json()["items"]]
+
+    assert await ids(kind="fleet") == ["k131"]
+    assert await ids(kind="clusterset") == ["de-rot", "k131-a"]
+    assert await ids(clusterset=MS) == ["k131", "k131-a"]  # a fleet rollout is listed under every set it covers
+    assert await ids(clusterset=DE) == ["de-rot", "k131"]
+    assert await ids(clusterset=DE, kind="clusterset") == ["de-rot"]
+    assert await ids(state="HALTED") == ["k131"]
+    assert await ids(state="IN_PROGRESS") == ["de-rot"]
+    assert await ids(state="COMPLETED", clusterset=MS) == ["k131-a"]
+    assert await ids(clusterset="no-such-set") == []
+
+    seen, token = [], None
+    while True:
+        page = await get(rollouts, "/v1/rollouts", limit=1, **({"continue": token} if token else {}))
+        seen += [r["id"] for r in page["items"]]
+        token = page["next"]
+        if not token:
+            break
+    assert seen == ["de-rot", "k131", "k131-a"]
+
+
+async def test_one_rollout_of_either_kind_in_full(rollouts: httpx.AsyncClient) -> None:
+    fleet = await get(rollouts, "/v1/rollouts/k131")
+    schemas.RolloutDetail.model_validate(fleet)
+    assert fleet["kind"] == "FleetRollout" and fleet["state"] == "HALTED" and fleet["budgetExceeded"] is True
+    assert [(e["clusterset"], e["stage"], e["state"]) for e in fleet["sets"]] == [(MS, "canary", "SUCCEEDED"),
+                                                                                 (DE, "rest", "FAILED")]
+    canary = fleet["sets"][0]
+    assert canary["rolloutId"] == "k131-a" and canary["rollout"]["state"] == "COMPLETED"
+    assert canary["rollout"]["replaced"] == 2 and canary["converged"]["generation"] == 2
+    assert [t["state"] for t in fleet["timeline"]] == ["IN_PROGRESS", "SOAKING", "AWAITING_APPROVAL", "IN_PROGRESS",
+                                                       "HALTED"]  # fmt: skip
+
+    one = await get(rollouts, "/v1/rollouts/k131-a")
+    schemas.RolloutDetail.model_validate(one)
+    assert one["kind"] == "ClusterSetRollout" and one["clusterset"] == MS and one["fleetRolloutId"] == "k131"
+    assert one["createdClusters"] == ["ms-1-v2", "ms-2-v2"] and one["retiredClusters"] == ["ms-1", "ms-2"]
+    assert [t["state"] for t in one["timeline"]] == ["REQUESTED", "IN_PROGRESS", "COMPLETED"]
+    assert (await get(rollouts, "/v1/rollouts/k131-a", kind="clusterset"))["id"] == "k131-a"
+    assert (await get(rollouts, "/v1/rollouts/k131-a", 404, kind="fleet"))["message"] == "rollout 'k131-a' not found"
+
+    # The set and its clusters point at the rollouts that changed them.
+    ms = await get(rollouts, f"/v1/clustersets/{MS}")
+    assert ms["rollout"]["rolloutId"] == "k131-a" and ms["fleetRollout"]["fleetRolloutId"] == "k131"
+    assert ms["convergedGeneration"] == 2 and ms["lastChange"]["updatePath"] == "rotation"
+    assert (await get(rollouts, "/v1/clusters/ms-1-v2"))["createdByRolloutId"] == "k131-a"
+    retired = await get(rollouts, "/v1/clusters/ms-1")
+    assert retired["state"] == "DELETED" and retired["retirement"]["rolloutId"] == "k131-a"
+    assert retired["drain"]["evicted"] == 12
+
+
+async def test_an_id_of_both_kinds_needs_the_kind(rollouts: httpx.AsyncClient, bus: Bus, projector: Projector) -> None:
+    """Rollout ids and fleet rollout ids are separate namespaces: the same id can name one of each."""
+    paused = new_event(m.RolloutPaused(location=AZ.metadata.location, clusterset=DE, rollout_id="k131",
+                                       reason="operator"), source="rotation")  # fmt: skip
+    await bus.publish(paused)
+    await projector.wait_for(await projector.stream_last_seq(), 20)
+    body = await get(rollouts, "/v1/rollouts/k131", 409)
+    assert body["error"] == "conflict" and "?kind=clusterset or ?kind=fleet" in body["message"]
+    assert (await get(rollouts, "/v1/rollouts/k131", kind="clusterset"))["state"] == "PAUSED"
+    assert (await get(rollouts, "/v1/rollouts/k131", kind="fleet"))["state"] == "HALTED"
+    page = await get(rollouts, "/v1/rollouts", clusterset=DE)
+    assert ids_and_kinds(page) == [("de-rot", "ClusterSetRollout"), ("k131", "ClusterSetRollout"),
+                                   ("k131", "FleetRollout")]  # fmt: skip
+
+
+async def test_the_python_client_reads_rollouts(rollouts: httpx.AsyncClient, settings: Settings) -> None:
+    from shared.client import FlotillaClient
+
+    api = FlotillaClient(settings.nats_url, "http://api", page_size=1)
+    await api._http.aclose()
+    api._http = rollouts
+    assert [r["id"] for r in await api.rollouts()] == ["de-rot", "k131", "k131-a"]
+    assert [r["id"] for r in await api.rollouts(kind="fleet", clusterset=DE)] == ["k131"]
+    assert [r["id"] for r in await api.rollouts(state="COMPLETED")] == ["k131-a"]
+    assert len(await api.rollouts(limit=2)) == 2
+    assert (await api.rollout("k131") or {})["kind"] == "FleetRollout"
+    assert await api.rollout("nope") is None and await api.rollout("k131", kind="clusterset") is None
+    with pytest.raises(TypeError, match="unknown rollout kind"):
+        await api.rollouts(kind="weekly")
 
 
 # ---------------------------------------------------------------- scale

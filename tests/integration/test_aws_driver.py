@@ -32,6 +32,7 @@ from services.cloud_provisioner.providers.aws_mapping import LOG_TYPES
 from services.cloud_provisioner.providers.base import (
     TAG_CLUSTER,
     ClusterContext,
+    NotInPlaceError,
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
@@ -41,7 +42,13 @@ from shared.config import Settings
 from shared.embedded import ServerProcess, free_port, service_env, start_service
 from shared.events import Envelope, subjects, validate_clusterset
 from shared.events.factory import payload_as
-from shared.events.models import PROVISION_STEPS, ClusterProvisioned, ClusterProvisioningFailed, ClusterRequested
+from shared.events.models import (
+    PROVISION_STEPS,
+    ClusterProvisioned,
+    ClusterProvisioningFailed,
+    ClusterRequested,
+    ClusterResourcesUpdated,
+)
 from shared.service import ServiceContext
 from tests.fakes.moto_server import Fault, MotoServer, Proxy, inventory, moto_server, proxy
 from tests.helpers import (
@@ -56,6 +63,7 @@ from tests.helpers import (
     retirement_envelope,
     wait_until,
 )
+from tests.unit.test_provisioner_core import changed_spec, update_requested, with_pool
 
 REGION = "us-east-1"
 # What one `modelserving` cluster (private-connectivity, us-east-1: zones a, b, c) is made of.
@@ -385,6 +393,49 @@ async def test_byon_dataeng_on_aws_spot_taints_convergence_and_the_network_is_le
     )
     byon_steps = [e.data["step"] for e in await ours(bus, cid) if e.type == "ClusterResourceDeprovisioned"]
     assert byon_steps == [s for s in reversed(PROVISION_STEPS) if s != "network"]
+
+
+async def test_in_place_update_converges_the_node_group_and_cluster_tags_and_creates_nothing(
+    settings: Settings, bus: Bus, aws: MotoServer, recorder: Proxy
+) -> None:
+    provider = make_provider(recorder)
+    req = request_envelope(PLAIN, "upd")
+    cid = req.subject
+    request = payload_as(req, ClusterRequested)
+    update = update_requested(request, 2, tags={"team": "serving", "owner": "ml"}, maxCount=6,
+                              labels={"tier": "gold"}, taints=[{"key": "gpu", "value": "yes", "effect": "NoSchedule"}])
+    async with provisioner(settings, provider):
+        await bus.publish(req)
+        await wait_for_type(bus, "ClusterProvisioned", [cid])
+        creates, before = recorder.count(), recorder.mutations()
+        await bus.publish(from_planner(update))
+        await wait_for_type(bus, "ClusterResourcesUpdated", [cid])
+        after = recorder.mutations()
+        await bus.publish(from_planner(update))  # the planner re-emitting it: ignored
+        await wait_until(lambda: consumer_drained(bus, DURABLE))
+    [report_env] = [e for e in await ours(bus, cid) if e.type == "ClusterResourcesUpdated"]
+    report = ClusterResourcesUpdated.model_validate(report_env.data)
+    assert (report.generation, report.changed) == (2, ["cluster", "node_pools"])
+    assert report.resources["node_pools"]["nodegroups"]["default"]["scaling"] == {"minSize": 3, "maxSize": 6,
+                                                                                   "desiredSize": 3}  # fmt: skip
+    eks = aws.client("eks")
+    ng = eks.describe_nodegroup(clusterName=cid, nodegroupName="default")["nodegroup"]
+    assert ng["scalingConfig"] == {"minSize": 3, "maxSize": 6, "desiredSize": 3}  # the running size kept
+    assert ng["labels"] == {"tier": "gold"}
+    assert ng["taints"] == [{"key": "gpu", "value": "yes", "effect": "NO_SCHEDULE"}]
+    tags = eks.describe_cluster(name=cid)["cluster"]["tags"]
+    assert tags["owner"] == "ml" and "costCenter" not in tags and tags[TAG_CLUSTER] == cid
+    assert after - before == Counter(UpdateNodegroupConfig=1, TagResource=1, UntagResource=1)
+    assert recorder.mutations() == after and recorder.count() == creates and inventory(aws) == {cid: PRIVATE_CLUSTER}
+
+    # What only a rotation can do is refused, and nothing is created for it.
+    prov = await provisioned(bus, cid)
+    for spec in (changed_spec(update.spec, instanceTypes=["m7i.2xlarge"]),
+                 with_pool(update.spec, "gpu")):  # fmt: skip
+        ctx = ClusterContext(cid, request.clusterset, request.location, spec, prov.resources)
+        with pytest.raises(NotInPlaceError):
+            await provider.update("node_pools", ctx)
+    assert recorder.mutations() == after
 
 
 async def test_throttling_is_classified_retried_and_converges(

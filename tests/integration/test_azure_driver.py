@@ -26,6 +26,7 @@ from services.cloud_provisioner.providers import azure_mapping as m
 from services.cloud_provisioner.providers.azure import AzureProvider, build
 from services.cloud_provisioner.providers.base import (
     ClusterContext,
+    NotInPlaceError,
     QuotaExceededError,
     TerminalCloudError,
     ThrottlingError,
@@ -47,6 +48,7 @@ from tests.helpers import (
     retirement_requested,
     wait_until,
 )
+from tests.unit.test_provisioner_core import changed_spec, with_pool
 
 SUB = "00000000-0000-0000-0000-000000000001"
 BYON_VNET = "/subscriptions/0000/resourceGroups/net/providers/Microsoft.Network/virtualNetworks/shared-vnet"
@@ -331,6 +333,66 @@ async def test_converging_an_autoscaled_pool_keeps_the_running_count_within_boun
     (put,) = arm.calls("PUT", "agentPools")
     assert put.path == pool_id and put.body["properties"]["minCount"] == 1 and put.body["properties"]["maxCount"] == 3
     assert put.body["properties"]["count"] == 3  # clamped into the wanted bounds, not reset to minCount
+
+
+async def test_in_place_update_puts_the_changed_pool_and_patches_the_cluster_tags(arm: FakeArm,
+                                                                                    provider: AzureProvider) -> None:
+    req = cluster_requested(BYON)
+    cid = req.cluster_id
+    names = m.AzureNames(SUB, cid)
+    res = await provision(provider, req)
+    ids = arm.ids()
+    arm.clear_requests()
+    # The infra pool: bounds 1..3 → 2..6, a label and a taint; the other two pools unchanged.
+    pools = changed_spec(req.spec, minCount=2, maxCount=6, labels={"tier": "gold"},
+                         taints=[{"key": "dedicated", "value": "infra", "effect": "NoExecute"}])  # fmt: skip
+    updated = await provider.update("node_pools", ClusterContext(cid, req.clusterset, req.location, pools, res))
+    assert updated.changed and updated.resources == res["node_pools"]
+    (put,) = arm.calls("PUT", "agentPools")
+    assert put.path == names.agent_pool_id("infra") and put.api_version == AKS_API
+    subnet_b = f"{BYON_VNET}/subnets/snet-b"
+    tags = m.azure_tags({**ClusterContext(cid, req.clusterset, req.location, pools).tags("node_pools"),
+                         "flotilla.dev/node-pool": "infra"})  # fmt: skip
+    assert put.body == {"properties": {
+        "mode": "User", "type": "VirtualMachineScaleSets", "osType": "Linux", "vmSize": "Standard_D8s_v5",
+        "orchestratorVersion": "1.30", "enableAutoScaling": True, "minCount": 2, "maxCount": 6,
+        "count": 2,  # the running count (1) kept within the new bounds
+        "nodeLabels": {"tier": "gold", "flotilla.dev/node-pool": "infra"}, "nodeTaints": ["dedicated=infra:NoExecute"],
+        "tags": tags, "vnetSubnetID": subnet_b}}  # fmt: skip
+    assert not arm.calls("PATCH") and arm.ids() == ids  # nothing created
+    arm.clear_requests()
+    assert not (await provider.update("node_pools", ClusterContext(cid, req.clusterset, req.location, pools,
+                                                                   res))).changed  # fmt: skip
+    assert not arm.calls("PUT")
+
+    # Tags: one PATCH of the managed cluster (updateTags); each pool carries them too, so each is PUT once.
+    retagged = changed_spec(pools, {"owner": "data-platform"})
+    ctx = ClusterContext(cid, req.clusterset, req.location, retagged, res)
+    cluster = await provider.update("cluster", ctx)
+    assert cluster.changed and cluster.resources == res["cluster"]
+    (patch,) = arm.calls("PATCH", "managedClusters")
+    assert patch.path == names.cluster_arm_id and patch.api_version == AKS_API
+    assert patch.body == {"tags": {"owner": "data-platform", "flotilla.dev_cluster-id": cid,
+                                   "flotilla.dev_clusterset": BYON, "flotilla.dev_step": "cluster",
+                                   "flotilla.dev_managed-by": "flotilla"}}  # fmt: skip
+    assert (arm.get(names.cluster_arm_id) or {})["tags"] == patch.body["tags"]
+    assert (await provider.update("node_pools", ctx)).changed
+    assert len(arm.calls("PUT", "agentPools")) == 3 and arm.ids() == ids
+    arm.clear_requests()
+    assert not (await provider.update("cluster", ctx)).changed and not arm.calls("PATCH")
+
+
+async def test_in_place_update_refuses_what_only_a_rotation_can_do(arm: FakeArm, provider: AzureProvider) -> None:
+    req = cluster_requested(BYON)
+    res = await provision(provider, req)
+    arm.clear_requests()
+    for spec in (changed_spec(req.spec, instanceTypes=["Standard_D16s_v5"]), changed_spec(req.spec, spot=True),
+                 with_pool(req.spec, "gpu")):  # fmt: skip
+        with pytest.raises(NotInPlaceError) as err:
+            await provider.update("node_pools", ClusterContext(req.cluster_id, req.clusterset, req.location, spec,
+                                                               res))  # fmt: skip
+        assert err.value.code == "NotInPlace" and not err.value.retryable
+    assert not [r for r in arm.calls() if r.method != "GET"]
 
 
 async def test_a_resource_group_that_is_not_ours_is_used_but_never_deleted(

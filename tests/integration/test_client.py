@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import uvicorn
@@ -19,10 +19,10 @@ from nats.js import api as jsapi
 from rich.console import Console
 
 from shared.bus import Bus
-from shared.client import ApiError, FlotillaClient, FlotillaError, FlotillaTimeout
+from shared.client import ApiError, FlotillaClient, FlotillaError, FlotillaTimeout, InvalidRequest
 from shared.config import Settings
 from shared.embedded import ServerProcess, free_port
-from shared.events import Envelope, Location, new_event, subjects, validate_clusterset
+from shared.events import Envelope, FieldError, Location, new_event, subjects, validate_clusterset
 from shared.events.factory import payload_as
 from shared.events.models import (
     ClusterReady,
@@ -31,6 +31,13 @@ from shared.events.models import (
     ClusterSetDeleted,
     ClusterSetRejected,
     ClusterSetRetired,
+    FleetRolloutApproved,
+    FleetRolloutControlRequested,
+    FleetRolloutRejected,
+    FleetRolloutRequested,
+    FleetRolloutStarted,
+    RolloutControlRequested,
+    RolloutPaused,
 )
 from shared.stack import StackOptions, run
 from tests.conftest import EXAMPLES_DIR, example_documents
@@ -115,7 +122,7 @@ async def test_apply_accepted_round_trip(client: FlotillaClient, planner: FakePl
     assert intent.id == result.event_id and intent.source == "cli"
     assert payload_as(intent, ClusterSetApplied).document == doc
     stored = await bus.js.get_last_msg(subjects.STREAM_CLUSTERSETS, subjects.clusterset_applied(MODELSERVING))
-    assert Envelope.from_bytes(stored.data).id == result.event_id
+    assert Envelope.from_bytes(stored.data or b"").id == result.event_id
     # Applying the same document again: accepted with the same generation; a change bumps it.
     assert (await client.apply(doc, wait_s=10)).generation == 1
     changed = {**doc, "spec": {**doc["spec"], "kubernetesVersion": "1.31"}}
@@ -167,8 +174,108 @@ async def test_missing_streams_and_missing_server_are_clear_errors(nats_proc: Se
             await c.apply(example_documents()[MODELSERVING], wait_s=1)
 
 
+# ----------------------------------------------------------------------------- rollout intents
+async def stored(bus: Bus, subject: str) -> tuple[Envelope, dict[str, str]]:
+    """The last message on a CLUSTERSETS subject: its envelope and headers."""
+    msg = await bus.js.get_last_msg(subjects.STREAM_CLUSTERSETS, subject)
+    return Envelope.from_bytes(msg.data or b""), dict(msg.headers or {})
+
+
+FLEET_FILE: dict[str, Any] = {
+    "rolloutId": "k8s-131", "clusterType": "ModelServing", "patch": {"kubernetesVersion": "1.31"},
+    "stages": [{"name": "canary", "selector": {"names": [MODELSERVING]}, "soakSeconds": 600},
+               {"name": "rest", "approval": True}],
+    "maxInFlight": 3, "failureBudget": 1,
+}  # fmt: skip
+
+
+async def test_rollout_and_fleet_intents_land_on_clustersets(client: FlotillaClient, bus: Bus) -> None:
+    control = await client.rollout_control(MODELSERVING, "rollback", rollout_id="r1", reason="bad canary")
+    assert control.subject == subjects.clusterset_rollout(MODELSERVING) == f"clusterset.rollout.{MODELSERVING}"
+    assert not control.waited and control.answer is None
+    env, headers = await stored(bus, control.subject)
+    assert env.id == control.event_id == headers["Nats-Msg-Id"] and env.source == "cli"
+    assert payload_as(env, RolloutControlRequested) == RolloutControlRequested(
+        clusterset=MODELSERVING, action="rollback", rollout_id="r1", reason="bad canary")
+
+    start = await client.start_fleet_rollout(FLEET_FILE)
+    assert start.subject == subjects.fleet_rollout_intent("k8s-131") == "clusterset.fleetrollout.k8s-131"
+    env, headers = await stored(bus, start.subject)
+    request = payload_as(env, FleetRolloutRequested)
+    assert headers["Nats-Msg-Id"] == start.event_id and request.rollout_id == "k8s-131"
+    assert request.stages[0].soak_seconds == 600 and request.max_in_flight == 3
+
+    approve = await client.approve_fleet_rollout("k8s-131", "rest", approver="alice")
+    env, _ = await stored(bus, approve.subject)
+    assert env.id == approve.event_id and payload_as(env, FleetRolloutApproved).approver == "alice"
+    pause = await client.fleet_rollout_control("k8s-131", "pause", reason="incident")
+    env, _ = await stored(bus, pause.subject)
+    assert env.id == pause.event_id and payload_as(env, FleetRolloutControlRequested).action == "pause"
+
+    info = await bus.js.stream_info(subjects.STREAM_CLUSTERSETS)
+    assert info.state.messages == 4
+    # Bad input is refused before anything is published, naming every field.
+    with pytest.raises(InvalidRequest) as bad:
+        await client.start_fleet_rollout({**FLEET_FILE, "maxInFlight": 0, "patch": {"count": 3}})
+    assert {e.field for e in bad.value.errors} == {"maxInFlight", "patch.count"}
+    with pytest.raises(InvalidRequest, match="action"):
+        await client.rollout_control(MODELSERVING, "explode")
+    assert (await bus.js.stream_info(subjects.STREAM_CLUSTERSETS)).state.messages == 4
+
+
+class FakeRotation:
+    """Answers rollout and fleet intents as rotation / the fleet orchestrator would: caused by the intent."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def start(self) -> None:
+        self.sub = await self.bus.js.subscribe(subjects.CLUSTERSETS_ALL, stream=subjects.STREAM_CLUSTERSETS,
+                                               ordered_consumer=True, cb=self.on_msg)  # fmt: skip
+
+    async def on_msg(self, msg: Any) -> None:
+        env = Envelope.from_bytes(msg.data)
+        answer: Any = None
+        if env.type == RolloutControlRequested.type_name():
+            control = payload_as(env, RolloutControlRequested)
+            if control.rollout_id in (None, "r1") and control.action == "pause":
+                answer = RolloutPaused(location=Location(env="prod", cloud="aws", region="us-east-1"),
+                                       clusterset=control.clusterset, rollout_id="r1", reason=control.reason)
+        elif env.type == FleetRolloutRequested.type_name():
+            request = payload_as(env, FleetRolloutRequested)
+            if request.cluster_type == "Unknown":
+                answer = FleetRolloutRejected(rollout_id=request.rollout_id,
+                                              errors=[FieldError(field="clusterType", message="no such sets")])
+            else:
+                answer = FleetRolloutStarted(rollout_id=request.rollout_id, cluster_type=request.cluster_type,
+                                             patch=request.patch, stages=[], max_in_flight=request.max_in_flight,
+                                             failure_budget=request.failure_budget)  # fmt: skip
+        if answer is not None:
+            await self.bus.publish(new_event(answer, source="rotation", cause=env))
+
+
+async def test_waiting_for_the_answer_to_an_intent(client: FlotillaClient, bus: Bus) -> None:
+    rotation = FakeRotation(bus)
+    await rotation.start()
+    try:
+        paused = await client.rollout_control(MODELSERVING, "pause", reason="freeze", wait_s=10)
+        assert paused.waited and paused.answered and paused.answer is not None
+        assert paused.answer.type == "RolloutPaused" and paused.answer.causation_id == paused.event_id
+        assert payload_as(paused.answer, RolloutPaused).reason == "freeze"
+        # Nothing to act on (another rollout is running): no answer, and the request is stored all the same.
+        ignored = await client.rollout_control(MODELSERVING, "pause", rollout_id="r0", wait_s=0.3)
+        assert ignored.waited and not ignored.answered
+        started = await client.start_fleet_rollout(FLEET_FILE, wait_s=10)
+        assert started.answer is not None and started.answer.type == "FleetRolloutStarted"
+        rejected = await client.start_fleet_rollout({**FLEET_FILE, "clusterType": "Unknown"}, wait_s=10)
+        assert rejected.answer is not None
+        assert payload_as(rejected.answer, FleetRolloutRejected).errors[0].field == "clusterType"
+    finally:
+        await rotation.sub.unsubscribe()
+
+
 # ----------------------------------------------------------------------------- watch
-def ready_event(n: int, cloud: str, cluster_type: str) -> Envelope:
+def ready_event(n: int, cloud: Literal["aws", "azure", "gcp"], cluster_type: str) -> Envelope:
     region = {"aws": "us-east-1", "gcp": "europe-west4", "azure": "westeurope"}[cloud]
     payload = ClusterReady(
         location=Location(env="prod", cloud=cloud, region=region), cluster_id=f"c{n}-{cloud}", clusterset="cs",
@@ -199,8 +306,9 @@ async def test_watch_ready_filters_by_cloud_and_type(client: FlotillaClient, bus
     got: list[ClusterReady] = []
     task = asyncio.create_task(collect(client.watch_ready(cloud="aws", cluster_type="ModelServing"), 2, got))
     await wait_until(fleet_consumers_are(bus, 1), within=10)
-    published = [(1, "aws", "Core"), (2, "gcp", "ModelServing"), (3, "aws", "ModelServing"),
-                 (4, "azure", "ModelServing"), (5, "aws", "ModelServing")]  # fmt: skip
+    published: list[tuple[int, Literal["aws", "azure", "gcp"], str]] = [
+        (1, "aws", "Core"), (2, "gcp", "ModelServing"), (3, "aws", "ModelServing"), (4, "azure", "ModelServing"),
+        (5, "aws", "ModelServing")]  # fmt: skip
     for n, cloud, cluster_type in published:
         await bus.publish(ready_event(n, cloud, cluster_type))
     await asyncio.wait_for(task, 10)
@@ -284,7 +392,7 @@ async def test_reads_follow_pagination_and_map_errors() -> None:
         assert {x["id"] for x in failed_b} == {f"c{i:03d}" for i in range(0, 25, 6)}
         assert api.state.seen[-1]["clusterType"] == "T"
         assert len(await c.clusters(limit=6)) == 6
-        assert (await c.cluster("c001"))["id"] == "c001"
+        assert (await c.cluster("c001") or {})["id"] == "c001"
         assert await c.cluster("nope") is None
         with pytest.raises(ApiError, match="503.*projector catching up"):
             await c.clustersets()

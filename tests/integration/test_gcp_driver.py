@@ -30,12 +30,13 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
     InvalidInstanceTypeError,
+    NotInPlaceError,
     QuotaExceededError,
     TerminalCloudError,
     ThrottlingError,
 )
 from services.cloud_provisioner.providers.gcp import GcpProvider, build
-from services.cloud_provisioner.providers.gcp_mapping import gcp_labels, names_for
+from services.cloud_provisioner.providers.gcp_mapping import TAINT_EFFECTS, gcp_labels, names_for
 from shared.bus import Bus
 from shared.config import Settings
 from shared.embedded import ServerProcess, service_env, start_service
@@ -54,6 +55,7 @@ from tests.helpers import (
     retirement_requested,
     wait_until,
 )
+from tests.unit.test_provisioner_core import changed_spec, with_pool
 
 PROJECT = "flotilla-test"
 SERVERLESS = GCP  # serverless-prod-gcp-europe-west4: private, hard-multi-tenancy, one tainted pool
@@ -358,6 +360,62 @@ async def test_existing_pool_autoscaling_is_converged(fake: FakeGcp, gcp: GcpPro
         "enabled": True, "totalMinNodeCount": 3, "totalMaxNodeCount": 80, "locationPolicy": 1}}  # fmt: skip
     await gcp.ensure("node_pools", ctx)
     assert len(fake.calls("POST", ":setAutoscaling$")) == 1  # converged: nothing more to do
+
+
+async def test_in_place_update_sends_only_what_differs_and_creates_nothing(fake: FakeGcp, gcp: GcpProvider) -> None:
+    req = cluster_requested(SERVERLESS)
+    cid = req.cluster_id
+    out = await provision(gcp, req)
+    cluster = f"/v1/projects/{PROJECT}/locations/europe-west4/clusters/{cid}"
+    pool = f"{cluster}/nodePools/sandbox"
+    before, made = len(fake.mutations()), dict(fake.created)
+    fingerprint = fake.clusters[cluster.removeprefix("/v1/")]["labelFingerprint"]
+    spec = changed_spec(req.spec, {**req.spec.tags, "owner": "faas"}, maxCount=80,
+                        labels={"runtime": "kata", "tier": "gold"},
+                        taints=[{"key": "sandbox", "value": "kata", "effect": "NoExecute"}])  # fmt: skip
+    ctx = ClusterContext(cid, req.clusterset, req.location, spec, out)
+    pools = await gcp.update("node_pools", ctx)
+    labels = await gcp.update("cluster", ctx)
+    assert pools.changed and pools.resources == out["node_pools"]
+    assert labels.changed and labels.resources == out["cluster"]
+    assert fake.mutations()[before:] == [("POST", f"{pool}:setAutoscaling"), ("PUT", pool),
+                                         ("POST", f"{cluster}:setResourceLabels")]  # fmt: skip
+    assert body_of(fake, "POST", ":setAutoscaling$") == {"autoscaling": {
+        "enabled": True, "totalMinNodeCount": 3, "totalMaxNodeCount": 80, "locationPolicy": 1}}  # fmt: skip
+    assert body_of(fake, "PUT", "/nodePools/sandbox$") == {
+        "labels": {"labels": {"runtime": "kata", "tier": "gold"}},
+        "taints": {"taints": [{"key": "sandbox", "value": "kata", "effect": int(TAINT_EFFECTS["NoExecute"])}]},
+        "resourceLabels": {"labels": gcp_labels(ctx.tags("node_pools"))},
+    }  # the owner tag reaches the pool's resource labels too
+    assert body_of(fake, "POST", ":setResourceLabels$") == {
+        "resourceLabels": gcp_labels(ctx.tags("cluster")), "labelFingerprint": fingerprint}
+    assert gcp_labels(ctx.tags("cluster"))["owner"] == "faas"
+    assert fake.created == made  # nothing created
+    stored = next(p for p in fake.clusters[cluster.removeprefix("/v1/")]["nodePools"] if p["name"] == "sandbox")
+    assert stored["config"]["labels"] == {"runtime": "kata", "tier": "gold"}
+    # Converged: asked again, nothing is sent.
+    assert not (await gcp.update("node_pools", ctx)).changed and not (await gcp.update("cluster", ctx)).changed
+    assert len(fake.mutations()) == before + 3
+
+    # maxCount 0 switches autoscaling off; nobody sizes the pool then, so it is set to zero nodes.
+    off = ClusterContext(cid, req.clusterset, req.location, changed_spec(spec, minCount=0, maxCount=0), out)
+    assert (await gcp.update("node_pools", off)).changed
+    assert fake.mutations()[before + 3:] == [("POST", f"{pool}:setAutoscaling"), ("POST", f"{pool}:setSize")]
+    assert fake.calls("POST", ":setAutoscaling$")[-1].body == {"autoscaling": {}}  # enabled: false (the default)
+    assert body_of(fake, "POST", ":setSize$") == {}  # nodeCount: 0 (the default)
+    assert stored["nodeCount"] == 0
+
+
+async def test_in_place_update_refuses_what_only_a_rotation_can_do(fake: FakeGcp, gcp: GcpProvider) -> None:
+    req = cluster_requested(SERVERLESS)
+    out = await provision(gcp, req)
+    before = len(fake.mutations())
+    for spec in (changed_spec(req.spec, instanceTypes=["n2-standard-64"]), changed_spec(req.spec, spot=True),
+                 with_pool(req.spec, "gpu")):  # fmt: skip
+        with pytest.raises(NotInPlaceError) as err:
+            await gcp.update("node_pools", ClusterContext(req.cluster_id, req.clusterset, req.location, spec, out))
+        assert err.value.code == "NotInPlace" and not err.value.retryable
+    assert len(fake.mutations()) == before
 
 
 async def test_a_resource_that_is_not_ours_is_never_adopted_or_deleted(fake: FakeGcp, gcp: GcpProvider) -> None:

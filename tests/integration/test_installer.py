@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nats.js import api as jsapi
 
@@ -22,6 +23,7 @@ from shared.events.models import (
     ClusterInfraFailed,
     ClusterReady,
     ClusterRequested,
+    ClusterResourcesUpdated,
     ClusterUpdateRequested,
     Event,
     InfraDriftCorrected,
@@ -99,16 +101,22 @@ class Running:
     ctx: ServiceContext
     target: SimKubernetesTarget
     consumers: list[IdempotentConsumer[InstallerState]]
+    background: list[asyncio.Task[None]]
 
     async def stop(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await asyncio.gather(*(c.stop() for c in self.consumers))
         with contextlib.suppress(Exception):
             await self.ctx.bus.close()
         await self.ctx.redis.aclose()
 
 
-async def start_installer(settings: Settings, health_timeout_s: float | None = None) -> Running:
-    """The service's subscriptions, in-process, each run by the real idempotent-consumer runtime."""
+async def start_installer(settings: Settings, health_timeout_s: float | None = None,
+                          background: bool = False) -> Running:  # fmt: skip
+    """The service's subscriptions, in-process, each run by the real idempotent-consumer runtime; with
+    `background`, its periodic pass too (as `serve` runs it)."""
     ctx = await open_context(SERVICE, settings)
     target = SimKubernetesTarget(ctx.redis, settings)
     if health_timeout_s is None:
@@ -118,12 +126,14 @@ async def start_installer(settings: Settings, health_timeout_s: float | None = N
     consumers = [IdempotentConsumer(ctx.bus, ctx.store, SPEC.name, s) for s in subs]
     for c in consumers:
         await c.start()
-    return Running(ctx, target, consumers)
+    jobs = [asyncio.create_task(job(ctx, consumers)) for job in SPEC.background] if background else []
+    return Running(ctx, target, consumers, jobs)
 
 
 @contextlib.asynccontextmanager
-async def installer(settings: Settings, health_timeout_s: float | None = None) -> AsyncIterator[Running]:
-    running = await start_installer(settings, health_timeout_s)
+async def installer(settings: Settings, health_timeout_s: float | None = None,
+                    background: bool = False) -> AsyncIterator[Running]:  # fmt: skip
+    running = await start_installer(settings, health_timeout_s, background)
     try:
         yield running
     finally:
@@ -323,7 +333,8 @@ async def test_consumer_config_filters_only_what_the_installer_folds(settings: S
     assert sorted(info.config.filter_subjects or []) == sorted(
         subjects.fleet_filter(t) for t in ("ClusterRequested", "ClusterProvisioned", "InfraServiceInstalled",
                                            "ClusterRetirementRequested", "ClusterUpdateRequested",
-                                           "InfraServiceRemoved"))  # fmt: skip
+                                           "InfraServiceRemoved", "ClusterResourcesUpdated",
+                                           "ClusterDrainRequested"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- in-place update, drift, retry of failures
@@ -334,6 +345,19 @@ def update_request(c: Cluster, services: list[str], generation: int = 2) -> Enve
                                      generation=generation, config_hash=spec.config_hash(), spec=spec,
                                      changes=["spec.infraServices"])  # fmt: skip
     return from_planner(payload)
+
+
+def resources_updated(c: Cluster, generation: int = 2, resources: dict[str, dict[str, Any]] | None = None
+                      ) -> Envelope:  # fmt: skip
+    """The provisioner's word that the update's cloud side (node pools, tags) is done."""
+    payload = ClusterResourcesUpdated(location=c.payload.location, cluster_id=c.id, clusterset=c.payload.clusterset,
+                                      generation=generation, config_hash="", resources=resources or {},
+                                      changed=["node_pools"])  # fmt: skip
+    return new_event(payload, source="cloud_provisioner")
+
+
+async def ready_for(bus: Bus, c: Cluster, config_hash: str) -> list[ClusterReady]:
+    return [e for _, e in await events_for(bus, c.id) if isinstance(e, ClusterReady) and e.config_hash == config_hash]
 
 
 async def test_in_place_update_installs_the_difference_prunes_removed_services_and_is_ready_again(
@@ -349,12 +373,8 @@ async def test_in_place_update_installs_the_difference_prunes_removed_services_a
         update = update_request(c, keep)
         spec = payload_as(update, ClusterUpdateRequested).spec
         await bus.publish(update)
-
-        async def ready_again() -> bool:
-            return any(isinstance(e, ClusterReady) and e.config_hash == spec.config_hash()
-                       for _, e in await events_for(bus, c.id))  # fmt: skip
-
-        await wait_until(ready_again)
+        await bus.publish(resources_updated(c))
+        await wait_until(lambda: ready_for(bus, c, spec.config_hash()))
         events = await events_for(bus, c.id)
         removed = [e.service for _, e in events if isinstance(e, InfraServiceRemoved)]
         assert removed == ["ingress", "registry-secrets"]  # dependents first, reverse install order
@@ -362,6 +382,53 @@ async def test_in_place_update_installs_the_difference_prunes_removed_services_a
         # Nothing that stayed was re-applied.
         stats = await run.target.stats(c.id)
         assert all(stats[f"write:{s}"] == 1 for s in keep)
+
+
+async def test_in_place_update_is_ready_only_once_the_cloud_side_is_done_too(settings: Settings, bus: Bus) -> None:
+    c = cluster("serverless-prod-gcp-europe-west4")
+    async with installer(settings) as run:
+        await bus.publish(c.requested)
+        await bus.publish(c.provisioned)
+        await wait_until(async_eq(lambda: readies(bus), {c.id}))
+        # Same services, new node pools (say): every service is re-applied for the new spec at once ...
+        spec = c.payload.spec.model_copy(update={"tags": {**c.payload.spec.tags, "cost-center": "42"}})
+        update = from_planner(ClusterUpdateRequested(
+            location=c.payload.location, cluster_id=c.id, clusterset=c.payload.clusterset, generation=2,
+            config_hash=spec.config_hash(), spec=spec, changes=["spec.tags"]))  # fmt: skip
+        await bus.publish(update)
+        order = expected_order(c)
+
+        async def reapplied() -> bool:
+            state = await installer_state(run.ctx, c.id)
+            return state is not None and all(state.installed_for.get(s) == spec.config_hash() for s in order)
+
+        await wait_until(reapplied)
+        await wait_until(lambda: drained(bus))
+        stats = await run.target.stats(c.id)
+        assert all(stats[f"apply:{s}"] == 2 for s in order)
+        # ... but READY waits for the provisioner: nothing yet, even after everything else was handled.
+        await asyncio.sleep(0.3)
+        assert await ready_for(bus, c, spec.config_hash()) == []
+        state = await installer_state(run.ctx, c.id)
+        assert state is not None and not state.ready
+        # An older generation's results do not count; this generation's (new log stream) do, and what the
+        # bundles render from changed, so every service is applied once more before READY.
+        await bus.publish(resources_updated(c, generation=1))
+        await wait_until(lambda: drained(bus))
+        assert await ready_for(bus, c, spec.config_hash()) == []
+        stream = {"log_stream": {"name": f"{c.id}-logs-v2", "topic": f"projects/p/topics/{c.id}-logs-v2"}}
+        await bus.publish(resources_updated(c, generation=2, resources=stream))
+        await wait_until(lambda: ready_for(bus, c, spec.config_hash()))
+        await wait_until(lambda: drained(bus))
+        assert len(await ready_for(bus, c, spec.config_hash())) == 1
+        state = await installer_state(run.ctx, c.id)
+        assert state is not None and state.ready and state.resources["log_stream"]["name"] == f"{c.id}-logs-v2"
+        stats = await run.target.stats(c.id)
+        assert all(stats[f"apply:{s}"] == 3 for s in order)
+        # Redelivered (a new message with the same content): nothing more.
+        await bus.publish(resources_updated(c, generation=2, resources=stream))
+        await wait_until(lambda: drained(bus))
+        assert len(await ready_for(bus, c, spec.config_hash())) == 1
 
 
 async def test_drift_is_corrected_and_reported_by_the_periodic_pass(settings: Settings, bus: Bus) -> None:

@@ -11,7 +11,7 @@ import base64
 import contextlib
 import copy
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -27,7 +27,14 @@ from shared.bus import Bus, IdempotentConsumer, Subscription
 from shared.catalog import install_order, read_custom_defs, register_custom
 from shared.config import Settings
 from shared.events import Envelope, decode_payload, new_event, subjects, validate_clusterset
-from shared.events.models import ClusterInfraFailed, ClusterReady, InfraDriftCorrected, InfraServiceInstalled
+from shared.events.models import (
+    ClusterDrained,
+    ClusterDrainRequested,
+    ClusterInfraFailed,
+    ClusterReady,
+    InfraDriftCorrected,
+    InfraServiceInstalled,
+)
 from shared.service import ServiceContext, open_context
 from tests.conftest import make_settings
 from tests.fakes.k8s_api import FakeKubeApi, edit, running
@@ -40,6 +47,7 @@ from tests.helpers import (
     sample_resources,
     wait_until,
 )
+from tests.integration.test_drain import node, pdb, pod
 
 REGISTRY_REF = "env://REGISTRY"
 DOCKERCONFIG = json.dumps({"auths": {"registry.example": {"auth": base64.b64encode(b"u:p").decode()}}}).encode()
@@ -186,12 +194,47 @@ async def test_a_failing_gate_names_its_object_then_recovers_and_drift_is_correc
         assert restored is not None and restored["data"]["collector.yaml"] != "receivers: {}"
 
 
-async def _equals(got: object, expected: object) -> bool:
-    return await got == expected  # type: ignore[misc]
+async def test_a_drain_request_cordons_and_evicts_within_the_budgets_and_is_answered_once(
+    settings: Settings, bus: Bus, kubes: Clusters
+) -> None:
+    name = "core-prod-aws-eu-west-1"
+    kube = kubes.api(cluster_requested(name).cluster_id)
+    for i in range(3):
+        kube.seed(node(f"node-{i}"))
+        kube.seed(pod(f"web-{i}", "shop", {"app": "web"}, f"node-{i}"))
+    kube.seed(pdb("web", "shop", {"app": "web"}, minAvailable=2))
+    kube.seed(pod("agent-node-1", "kube-system", {"app": "agent"}, "node-1", owner="DaemonSet"))
+    async with installer(settings, kubes) as (ctx, consumer):
+        cid, _ = await publish_cluster(bus, name)
+        await wait_until(lambda: _contains(ready_ids(bus), cid), within=60)
+        req = cluster_requested(name)
+        await bus.publish(new_event(ClusterDrainRequested(location=req.location, cluster_id=cid,
+                                                          clusterset=req.clusterset, rollout_id="r-1",
+                                                          timeout_seconds=600), source="rotation"))  # fmt: skip
+        # The first pass runs as the request is handled: every node cordoned, one replica evicted, two held.
+        await wait_until(lambda: len(kube.calls("POST", r"/eviction$")) == 1, within=30)
+        assert all(kube.get("Node", f"node-{i}")["spec"]["unschedulable"] for i in range(3))  # type: ignore[index]
+        assert await reconcile_pass(ctx, consumer, bucket=1, reasons=("drain",)) == 1
+        assert len(kube.calls("POST", r"/eviction$")) == 1 and await of_type(bus, ClusterDrained.type_name()) == []
+        # The application owner relaxes the budget: the next pass finishes the drain.
+        edit(kube, "policy/v1", "PodDisruptionBudget", "web", "shop", {"spec": {"minAvailable": 0}})
+        await reconcile_pass(ctx, consumer, bucket=2, reasons=("drain",))
+        await wait_until(lambda: of_type(bus, ClusterDrained.type_name()), within=30)
+        (answer,) = [decode_payload(e) for e in await of_type(bus, ClusterDrained.type_name())]
+        assert isinstance(answer, ClusterDrained)
+        assert (answer.timed_out, answer.evicted, answer.remaining, answer.rollout_id) == (False, 3, 0, "r-1")
+        assert [p["metadata"]["name"] for p in kube.objects("Pod")] == ["agent-node-1"]
+        assert kube.calls("DELETE", r"/pods/") == []
+        # Drained: later passes have nothing to do.
+        assert await reconcile_pass(ctx, consumer, bucket=3, reasons=("drain",)) == 0
 
 
-async def _contains(got: object, item: str) -> bool:
-    return item in await got  # type: ignore[operator]
+async def _equals(got: Awaitable[object], expected: object) -> bool:
+    return await got == expected
+
+
+async def _contains(got: Awaitable[Collection[str]], item: str) -> bool:
+    return item in await got
 
 
 AGENT_DESCRIPTOR = """\

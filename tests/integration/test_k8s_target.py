@@ -210,13 +210,14 @@ async def test_install_creates_objects_with_fields_labels_and_one_field_manager(
     assert api.get("Widget", "default") is not None and api.get("Widget", "default")["spec"] == {"size": 3}  # type: ignore[index]
 
     # Ownership labels on every object we applied, with the bundle and its version.
-    expected = {("namespaces", "1.0.0"): [("Namespace", NS, None)],
-                ("app", "1.0.0"): [("ServiceAccount", "web", NS), ("ConfigMap", "web-settings", NS),
-                                   ("Deployment", "web", NS), ("Service", "web", NS)],
-                ("widgets", "1.0.0"): [("CustomResourceDefinition", "widgets.example.com", None),
-                                       ("Widget", "default", None), ("Deployment", "widget-controller", NS),
-                                       ("ValidatingWebhookConfiguration", "widgets-webhook", None)],
-                ("agent", "1.0.0"): [("DaemonSet", "agent", NS), ("Deployment", "collector", NS)]}  # fmt: skip
+    expected: dict[tuple[str, str], list[tuple[str, str, str | None]]] = {
+        ("namespaces", "1.0.0"): [("Namespace", NS, None)],
+        ("app", "1.0.0"): [("ServiceAccount", "web", NS), ("ConfigMap", "web-settings", NS),
+                           ("Deployment", "web", NS), ("Service", "web", NS)],
+        ("widgets", "1.0.0"): [("CustomResourceDefinition", "widgets.example.com", None),
+                               ("Widget", "default", None), ("Deployment", "widget-controller", NS),
+                               ("ValidatingWebhookConfiguration", "widgets-webhook", None)],
+        ("agent", "1.0.0"): [("DaemonSet", "agent", NS), ("Deployment", "collector", NS)]}  # fmt: skip
     for (bundle, version), objects in expected.items():
         for kind, name, namespace_ in objects:
             obj = api.get(kind, name, namespace_)
@@ -694,7 +695,7 @@ def test_fake_conflicts_selectors_and_validation(api: FakeKubeApi) -> None:
 
 def test_drift_comparison_ignores_defaults_and_other_fields() -> None:
     desired = {"spec": {"replicas": 2, "ports": [{"port": 443}], "containers": [{"name": "a", "image": "x"}]}}
-    live = {"spec": {"replicas": 2, "ports": [{"port": 443, "protocol": "TCP"}], "type": "ClusterIP",
+    live: Json = {"spec": {"replicas": 2, "ports": [{"port": 443, "protocol": "TCP"}], "type": "ClusterIP",
                      "containers": [{"name": "b", "image": "y"},
                                     {"name": "a", "image": "x", "imagePullPolicy": "Always"}]}}  # fmt: skip
     assert drift_paths(desired, live) == []

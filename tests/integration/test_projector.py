@@ -147,6 +147,50 @@ async def test_rebuild_equals_the_live_views_and_the_switch_is_followed(
     assert await dump_views(redis, prefix, fresh.namespace) == current
 
 
+def rollout_history() -> list[Envelope]:
+    """history(), then a fleet rollout over both sets: a rotation (surge clusters, drains, retirements) of the AWS
+    set in a canary stage, an approval, a failed in-place update of the Azure set, a halt."""
+    fleet = T.fleet_rollout_history("k131", (CS, ["ms-1", "ms-2"]), (AZ, ["de-1"]), T.T0 + T.STEP * 1000)
+    return [*history(), *fleet]
+
+
+async def test_rollouts_project_across_batches_and_replicas_like_the_pure_core(
+    bus: Bus, redis: Redis, settings: Settings
+) -> None:
+    """Rollout documents are changed by set, cluster and fleet facts alike: small batches cut them in every way,
+    two replicas race, and the result is still the pure core's, byte for byte, and a rebuild's."""
+    prefix = settings.redis_prefix
+    events = rollout_history()
+    a = new_projector(bus, redis, settings, batch_size=4)
+    b = new_projector(bus, redis, settings, batch_size=3, batch_window_s=0.001)
+    await a.start()
+    await b.start()
+    try:
+        for i in range(0, len(events), 7):
+            await publish(bus, events[i:i + 7])
+            await asyncio.sleep(0.005)
+        await a.wait_for(len(events), 30)
+    finally:
+        await a.stop()
+        await b.stop()
+    views = await dump_views(redis, prefix)
+    expected = core.Views()
+    for seq, env in enumerate(events, 1):
+        core.apply(expected, seq, env)
+    assert {k: v for k, v in views.items() if not k.startswith(("idx:", "sets"))} == expected.dump()
+
+    fleet = json.loads(views["fleetrollout:k131"])
+    assert fleet["state"] == "HALTED" and [e["state"] for e in fleet["sets"]] == ["SUCCEEDED", "FAILED"]
+    assert json.loads(views["rollout:k131-a"])["createdClusters"] == ["ms-1-v2", "ms-2-v2"]
+    assert json.loads(views["idx:rollouts:all"]) == ["k131\tFleetRollout", "k131-a\tClusterSetRollout"]
+    assert json.loads(views["idx:rollouts:state:HALTED"]) == ["k131\tFleetRollout"]
+    assert json.loads(views[f"idx:rollouts:clusterset:{AZ.metadata.name}"]) == ["k131\tFleetRollout"]
+    assert "idx:rollouts:state:IN_PROGRESS" not in views  # emptied as the rollouts moved on
+
+    fresh = await rebuild(bus, redis, prefix, swap=False)
+    assert await dump_views(redis, prefix, fresh.namespace) == views
+
+
 async def test_rebuild_refuses_the_served_namespace(bus: Bus, redis: Redis, settings: Settings) -> None:
     with pytest.raises(ValueError, match="being served"):
         await rebuild(bus, redis, settings.redis_prefix, namespace="live")

@@ -14,10 +14,12 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
     InvalidInstanceTypeError,
+    NotInPlaceError,
     QuotaExceededError,
     ResourceNotFoundError,
     ThrottlingError,
     TransientCloudError,
+    Updated,
 )
 from services.cloud_provisioner.providers.sim import SimProvider
 from services.cloud_provisioner.providers.simcloud import SimCloud
@@ -25,6 +27,7 @@ from shared.embedded import ServerProcess
 from shared.events import validate_clusterset
 from shared.events.models import PROVISION_STEPS
 from tests.conftest import example_documents
+from tests.unit.test_provisioner_core import changed_spec, with_pool
 
 EXAMPLES = example_documents()
 
@@ -253,3 +256,74 @@ async def test_provider_converges_under_random_throttling(r: Redis) -> None:
                                                                     "log_stream")}}  # fmt: skip
     stats = await calm.stats()
     assert stats.get("throttled:list", 0) + stats.get("throttled:create", 0) > 0
+
+
+# ---------------------------------------------------------------- in-place updates
+async def test_update_changes_attributes_and_tags_in_place_asynchronously(r: Redis) -> None:
+    sim = SimCloud(r, "t", latency_s=0.2, latency_jitter=0.0)
+    res = await sim.create("node_pool", "c1-a", tags={TAG_CLUSTER: "c1", "team": "a"}, attrs={"max_count": 3})
+    with pytest.raises(TransientCloudError) as in_use:  # not while it is being created
+        await sim.update(res.id, attrs={"max_count": 5})
+    assert in_use.value.code == "ResourceInUse"
+    await asyncio.sleep(0.25)
+    updated = await sim.update(res.id, attrs={"max_count": 5}, tags={TAG_CLUSTER: "c1", "team": "b"})
+    assert updated.id == res.id and updated.status == "UPDATING" and updated.attrs == {"max_count": 5}
+    with pytest.raises(TransientCloudError):  # one operation at a time
+        await sim.update(res.id, attrs={"max_count": 6})
+    # The tag index follows: found by its new tags, no longer by the old ones.
+    assert [x.id for x in await sim.list("node_pool", {"team": "b"})] == [res.id]
+    assert await sim.list("node_pool", {"team": "a"}) == []
+    await asyncio.sleep(0.25)
+    assert (await sim.get(res.id)).status == "ACTIVE"
+    stats = await sim.stats()
+    assert (stats["created:node_pool"], stats["updated:node_pool"]) == (1, 1)
+    await sim.add_fault(kind="node_pool", op="update", code="Throttling", times=1)
+    with pytest.raises(ThrottlingError):
+        await sim.update(res.id, attrs={"max_count": 7})
+    await sim.delete(res.id)
+    with pytest.raises(TransientCloudError) as deleting:
+        await sim.update(res.id, attrs={"max_count": 7})
+    assert deleting.value.code == "ResourceBeingDeleted"
+    with pytest.raises(ResourceNotFoundError):
+        await sim.update("np-missing", attrs={})
+
+
+async def test_provider_update_converges_existing_pools_and_creates_nothing(r: Redis) -> None:
+    sim = SimCloud(r, "t", latency_s=0.05)
+    provider = SimProvider(sim, poll_s=0.01, timeout_s=5)
+    ctx = ctx_for("dataeng-staging-azure-westeurope", "de-3")  # three node pools
+    before = await provider.ensure("node_pools", ctx)
+    assert ctx.spec is not None
+    assert (await provider.update("node_pools", ctx)) == Updated(before, False)  # nothing differs
+    spec = changed_spec(ctx.spec, {**ctx.spec.tags, "owner": "data"}, maxCount=40, labels={"tier": "gold"}, taints=[])
+    new = ClusterContext(ctx.cluster_id, ctx.clusterset, ctx.location, spec, {"node_pools": before})
+    updated = await provider.update("node_pools", new)
+    assert updated.changed and updated.resources == before  # the same pools, by id
+    first = spec.node_pools[0]
+    pool = (await sim.list("node_pool", {TAG_CLUSTER: "de-3", "Name": f"de-3-{first.name}"}))[0]
+    assert pool.status == "ACTIVE" and pool.attrs["max_count"] == 40 and pool.attrs["labels"] == {"tier": "gold"}
+    assert pool.attrs["taints"] == [] and pool.tags["owner"] == "data"
+    stats = await sim.stats()
+    assert stats["created:node_pool"] == 3 and stats["updated:node_pool"] == 3  # the tag is on every pool
+    assert not (await provider.update("node_pools", new)).changed
+    # ensure with a newer spec converges the same way (an update that arrived while provisioning ran).
+    newer = ClusterContext(ctx.cluster_id, ctx.clusterset, ctx.location, changed_spec(spec, minCount=2), {})
+    assert await provider.ensure("node_pools", newer) == before
+    assert (await sim.get(pool.id)).attrs["min_count"] == 2 and (await sim.stats())["created:node_pool"] == 3
+
+
+async def test_provider_update_refuses_what_only_a_rotation_can_do(r: Redis) -> None:
+    sim = SimCloud(r, "t")
+    provider = SimProvider(sim, poll_s=0.01, timeout_s=5)
+    ctx = ctx_for("modelserving-prod-aws-us-east-1", "ms-4")
+    await provider.ensure("node_pools", ctx)
+    assert ctx.spec is not None
+    other_type = ClusterContext(ctx.cluster_id, ctx.clusterset, ctx.location,
+                                changed_spec(ctx.spec, instanceTypes=["m7i.4xlarge"]))  # fmt: skip
+    with pytest.raises(NotInPlaceError) as err:
+        await provider.update("node_pools", other_type)
+    assert err.value.code == "NotInPlace" and not err.value.retryable
+    added = ClusterContext(ctx.cluster_id, ctx.clusterset, ctx.location, with_pool(ctx.spec, "gpu"))
+    with pytest.raises(NotInPlaceError):
+        await provider.update("node_pools", added)
+    assert await sim.inventory("ms-4") == {"ms-4": {"node_pool": 1}} and "updated:node_pool" not in await sim.stats()

@@ -29,12 +29,14 @@ from services.cloud_provisioner.providers.aws_mapping import (
     cluster_updates,
     create_role_request,
     credential_ref,
+    nodegroup_fixed_changes,
     nodegroup_request,
     nodegroup_update,
     policy_arn,
     role_plans,
     stream_request,
     subnet_plan,
+    tag_changes,
     tag_dict,
     tag_list,
     tag_specifications,
@@ -310,6 +312,20 @@ def test_nodegroup_update_converges_scaling_labels_and_taints() -> None:
     }
     # a larger current size is kept as long as it is within bounds
     assert nodegroup_update(_pool(), {"scalingConfig": {"minSize": 1, "maxSize": 5, "desiredSize": 4}}) == {}
+
+
+def test_only_a_rotation_changes_instance_types_or_capacity_type() -> None:
+    group = {"instanceTypes": ["m6i.large"], "capacityType": "ON_DEMAND"}
+    assert nodegroup_fixed_changes(_pool(maxCount=50, labels={"a": "b"}), group) == []
+    assert nodegroup_fixed_changes(_pool(instanceTypes=["m6i.large", "m5.large"]), group) == ["instanceTypes"]
+    assert nodegroup_fixed_changes(_pool(spot=True), group) == ["capacityType"]
+
+
+def test_tag_changes_set_what_the_spec_says_and_keep_aws_own_tags() -> None:
+    have = {TAG_CLUSTER: "c1", "team": "a", "old": "x", "aws:eks:cluster-name": "c1"}
+    want = {TAG_CLUSTER: "c1", "team": "b", "owner": "ml"}
+    assert tag_changes(have, want) == ({"team": "b", "owner": "ml"}, ["old"])
+    assert tag_changes(want, want) == ({}, [])
 
 
 def test_cluster_updates_cover_endpoint_access_and_logging_only() -> None:

@@ -191,6 +191,25 @@ def test_scaling_convergence_view() -> None:
     assert m.scaling_of(m.agent_pool_properties(auto, "1.30", {}, None)) == m.wanted_scaling(auto)
 
 
+def test_in_place_drift_names_what_a_put_changes_and_ignores_aks_labels_and_taint_order() -> None:
+    pool = NodePool.model_validate({"name": "p", "instanceTypes": ["Standard_D8s_v5"], "minCount": 1, "maxCount": 5,
+                                    "labels": {"a": "1"}, "taints": [{"key": "k", "value": "v", "effect": "NoSchedule"},
+                                                                     {"key": "j", "effect": "NoExecute"}]},
+                                   strict=False)  # fmt: skip
+    want = m.agent_pool_properties(pool, "1.30", {"team": "x"}, None)
+    live = {**want, "count": 4, "nodeTaints": list(reversed(want["nodeTaints"])),
+            "nodeLabels": {**want["nodeLabels"], "kubernetes.azure.com/scalesetpriority": "spot"}}
+    assert m.agent_pool_drift(live, want) == []
+    stale = {**live, "maxCount": 3, "nodeLabels": {"a": "0"}, "nodeTaints": [], "tags": {}}
+    assert m.agent_pool_drift(stale, want) == ["scaling", "nodeLabels", "nodeTaints", "tags"]
+    assert m.agent_pool_fixed_changes(live, want) == []
+    spot = m.agent_pool_properties(pool.model_copy(update={"spot": True}), "1.30", {}, None)
+    assert m.agent_pool_fixed_changes(live, {**spot, "vmSize": "Standard_D16s_v5"}) == ["vmSize", "scaleSetPriority"]
+    assert m.agent_pool_fixed_changes({**live, "vmSize": "standard_d8s_v5"}, want) == []  # ARM ids ignore case
+    assert m.tags_body({"flotilla.dev/cluster-id": "c", "team": "x"}) == {"tags": {"flotilla.dev_cluster-id": "c",
+                                                                                   "team": "x"}}  # fmt: skip
+
+
 # ---------------------------------------------------------------- managed cluster
 def cluster_body(name: str, subnet: str | None = None) -> dict[str, Any]:
     ctx = ctx_of(name)

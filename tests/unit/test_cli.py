@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -27,12 +27,25 @@ from shared.client import (
     FlotillaError,
     FlotillaTimeout,
     FlotillaUnavailable,
+    InvalidRequest,
+    RequestResult,
+    _intent,
     api_url_from_settings,
     load_clustersets,
+    load_fleet_rollout,
+    parse_fleet_rollout,
 )
 from shared.config import Settings
 from shared.events import FieldError, Location, new_event
-from shared.events.models import ClusterReady
+from shared.events.models import (
+    ClusterReady,
+    FleetRolloutApproved,
+    FleetRolloutControlRequested,
+    FleetRolloutRejected,
+    FleetRolloutRequested,
+    RolloutControlRequested,
+    RolloutPaused,
+)
 from shared.stack import Progress, SetProgress, expected_counts, progress_from, render
 from tests.conftest import EXAMPLES_DIR, example_documents
 
@@ -92,6 +105,43 @@ class StubClient:
         for ready in self.ready_events:
             yield new_event(ready, source="test"), ready
 
+    # rollouts: every request is validated as the real client does, and recorded
+    requests: list[Any] = []
+    answer: Any = None  # the answer of a waited-for request (None: no answer in time)
+    rollout_items: list[dict[str, Any]] = []
+    rollout_filters: dict[str, Any] = {}
+
+    def _result(self, payload: Any, wait_s: float) -> RequestResult:
+        StubClient.requests.append(payload)
+        return RequestResult(event_id="ev-1", subject=payload.subject(), waited=wait_s > 0,
+                             answer=self.answer if wait_s > 0 else None)  # fmt: skip
+
+    async def rollout_control(self, clusterset: str, action: str, *, rollout_id: str | None = None, reason: str = "",
+                              wait_s: float = 0) -> RequestResult:  # fmt: skip
+        payload = _intent(RolloutControlRequested, f"rollout {action} request", clusterset=clusterset, action=action,
+                          rollout_id=rollout_id, reason=reason)  # fmt: skip
+        return self._result(payload, wait_s)
+
+    async def start_fleet_rollout(self, request: FleetRolloutRequested, wait_s: float = 0) -> RequestResult:
+        return self._result(request, wait_s)
+
+    async def approve_fleet_rollout(self, rollout_id: str, stage: str, approver: str = "",
+                                    wait_s: float = 0) -> RequestResult:  # fmt: skip
+        return self._result(_intent(FleetRolloutApproved, "approval", rollout_id=rollout_id, stage=stage,
+                                    approver=approver), wait_s)  # fmt: skip
+
+    async def fleet_rollout_control(self, rollout_id: str, action: str, reason: str = "",
+                                    wait_s: float = 0) -> RequestResult:  # fmt: skip
+        return self._result(_intent(FleetRolloutControlRequested, "request", rollout_id=rollout_id, action=action,
+                                    reason=reason), wait_s)  # fmt: skip
+
+    async def rollouts(self, limit: int | None = None, **filters: Any) -> list[dict[str, Any]]:
+        StubClient.rollout_filters = {k: v for k, v in filters.items() if v is not None}
+        return self.rollout_items[:limit] if limit else self.rollout_items
+
+    async def rollout(self, rollout_id: str, kind: str | None = None) -> dict[str, Any] | None:
+        return next((r for r in self.rollout_items if r["id"] == rollout_id), None)
+
     async def close(self) -> None:
         self.closed = True
 
@@ -99,8 +149,10 @@ class StubClient:
 @pytest.fixture(autouse=True)
 def stub(monkeypatch: pytest.MonkeyPatch) -> type[StubClient]:
     StubClient.instances = []
-    for attr, value in dict(reject={}, timeout_names=set(), known=set(), cluster_items=[], clusterset_items=[],
-                            ready_events=[], fail_with=None).items():  # fmt: skip
+    knobs: dict[str, Any] = dict(reject={}, timeout_names=set(), known=set(), cluster_items=[], clusterset_items=[],
+                                 ready_events=[], fail_with=None, requests=[], answer=None, rollout_items=[],
+                                 rollout_filters={})  # fmt: skip
+    for attr, value in knobs.items():
         monkeypatch.setattr(StubClient, attr, value)
     monkeypatch.setattr(cli, "make_client", StubClient)
     # Wide consoles so tables are not truncated; they still write to the runner's captured streams.
@@ -126,7 +178,7 @@ MODELSERVING = "modelserving-prod-aws-us-east-1"
 # ----------------------------------------------------------------------------- loader
 def test_loader_reads_directory_and_skips_other_kinds() -> None:
     loaded = load_clustersets([EXAMPLES_DIR])
-    assert sorted(d.name for d in loaded.documents) == sorted(example_documents())
+    assert sorted(str(d.name) for d in loaded.documents) == sorted(example_documents())
     assert [Path(s).name for s, _ in loaded.skipped] == ["clusterset-status.yaml"]
     assert expected_counts(loaded.documents) == {name: d["spec"]["count"] for name, d in example_documents().items()}
     assert sum(expected_counts(loaded.documents).values()) == 12
@@ -298,7 +350,7 @@ def test_get_api_error_exits_1(stub: type[StubClient]) -> None:
 
 
 # ----------------------------------------------------------------------------- watch
-def _ready(n: int, cloud: str = "aws") -> ClusterReady:
+def _ready(n: int, cloud: Literal["aws", "azure", "gcp"] = "aws") -> ClusterReady:
     return ClusterReady(
         location=Location(env="prod", cloud=cloud, region="us-east-1" if cloud == "aws" else "westeurope"),
         cluster_id=f"c-{n}", clusterset="cs", cluster_type="ModelServing", config_hash="h",
@@ -336,7 +388,7 @@ def test_up_rejects_missing_examples_dir(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- stack progress (pure)
 def test_progress_from_status_items() -> None:
     expected = {"a": 2, "b": 3}
-    items = [
+    items: list[dict[str, Any]] = [
         {"name": "a", "generation": 1, "location": {"env": "prod", "cloud": "aws", "region": "us-east-1"},
          "clusterType": "T", "status": {"readyClusters": 2, "counts": {"READY": 2}}},
         # No readyClusters: counted from the cluster states.
@@ -406,3 +458,206 @@ async def test_stack_once_ends_with_ready_line_or_times_out(tmp_path: Path, monk
     with pytest.raises(StackFailure, match=r"not everything READY after 0s: progress: 1/3 ready  INSTALLING=2 READY=1"):
         await slow._watch(ProgressingClient(), {"a": 3})  # type: ignore[arg-type]
     assert slow.final_line is None
+
+
+# ----------------------------------------------------------------------------- rollouts
+@pytest.mark.parametrize("action", ["pause", "resume", "abort", "rollback"])
+def test_rollout_control_publishes_the_request(action: str, stub: type[StubClient]) -> None:
+    result = invoke("rollout", action, MODELSERVING, "--rollout-id", "r1", "--reason", "change freeze")
+    assert result.exit_code == 0, result.output
+    (request,) = stub.requests
+    assert isinstance(request, RolloutControlRequested)
+    assert (request.clusterset, request.action, request.rollout_id, request.reason) == (
+        MODELSERVING, action, "r1", "change freeze")
+    assert f"{action} of the rollout of clusterset/{MODELSERVING} requested (event ev-1)" in result.stdout
+
+
+def test_rollout_control_waits_for_the_answer(stub: type[StubClient]) -> None:
+    paused = RolloutPaused(location=Location(env="prod", cloud="aws", region="us-east-1"), clusterset=MODELSERVING,
+                           rollout_id="r1", reason="operator")  # fmt: skip
+    stub.answer = new_event(paused, source="rotation")
+    result = invoke("rollout", "pause", MODELSERVING, "--wait", "3")
+    assert result.exit_code == 0, result.output
+    assert "RolloutPaused (operator)" in result.stdout and stub.requests[0].rollout_id is None
+    stub.answer = None
+    result = invoke("rollout", "resume", MODELSERVING, "--wait", "0.5")
+    assert result.exit_code == 1 and "no answer within 0.5s" in result.stderr and "ev-1 is stored" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["rollout", "pause", "x" * 70], "clusterset"),
+        (["rollout", "abort", "set", "--reason", "r" * 501], "reason"),
+        (["fleet-rollout", "approve", "f1", "s" * 41], "stage"),
+    ],
+)
+def test_rollout_requests_are_validated_before_publishing(args: list[str], text: str, stub: type[StubClient]) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "nothing was published" in result.stderr and f"  {text}: " in result.stderr
+    assert stub.requests == []
+
+
+def test_rollout_arguments_are_checked(stub: type[StubClient]) -> None:
+    assert invoke("rollout", "pause").exit_code == 2  # the set is required
+    assert invoke("rollout", "pause", "s", "--wait", "-1").exit_code == 2
+    assert invoke("rollout", "list", "--kind", "weekly").exit_code == 2
+    assert invoke("rollout", "explode", "s").exit_code == 2
+    assert stub.requests == []
+
+
+SET_ROLLOUT = {
+    "id": "r-0042", "kind": "ClusterSetRollout", "clusterset": MODELSERVING, "state": "PAUSED", "count": 5,
+    "replaced": 2, "fromConfigHashes": ["9c1e0d2a"], "toConfigHash": "77aa01bc", "reason": "new cluster failed",
+    "updatedAt": "2026-11-21T10:05:00Z", "createdClusters": ["n1", "n2"], "failedClusterIds": ["n2"],
+    "timeline": [{"state": "REQUESTED", "time": "2026-11-21T10:00:00Z", "reason": None},
+                 {"state": "PAUSED", "time": "2026-11-21T10:05:00Z", "reason": "new cluster failed"}],
+}  # fmt: skip
+FLEET_ROLLOUT = {
+    "id": "k8s-131", "kind": "FleetRollout", "clusterType": "ModelServing", "state": "HALTED",
+    "setCounts": {"PENDING": 3, "IN_PROGRESS": 0, "SUCCEEDED": 1, "FAILED": 1}, "reason": "budget exceeded",
+    "updatedAt": "2026-11-21T11:00:00Z",
+    "stages": [{"name": "canary", "state": "COMPLETED", "approval": False, "soakUntil": None, "clustersets": ["a"]},
+               {"name": "rest", "state": "IN_PROGRESS", "approval": True, "soakUntil": None,
+                "clustersets": ["b", "c", "d", "e"]}],
+    "sets": [{"clusterset": "a", "stage": "canary", "state": "SUCCEEDED", "updatePath": "rotation",
+              "rollout": {"state": "COMPLETED", "replaced": 2, "count": 2}, "reason": None},
+             {"clusterset": "b", "stage": "rest", "state": "FAILED", "updatePath": "in-place", "rollout": None,
+              "reason": "upgrade failed"}],
+}  # fmt: skip
+
+
+def test_rollout_list_table_json_and_filters(stub: type[StubClient]) -> None:
+    stub.rollout_items = [FLEET_ROLLOUT, SET_ROLLOUT]
+    result = invoke("rollout", "list", "--kind", "FLEET", "--state", "halted", "--clusterset", "a")
+    assert result.exit_code == 0, result.output
+    assert stub.rollout_filters == {"kind": "fleet", "state": "HALTED", "clusterset": "a"}
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["ID", "KIND", "SCOPE", "STATE", "PROGRESS", "DETAIL", "UPDATED"]
+    assert lines[1].split()[:4] == ["k8s-131", "fleet", "ModelServing", "HALTED"]
+    assert "1/5 sets, 1 failed" in lines[1] and "stage rest budget exceeded" in lines[1]
+    assert lines[2].split()[:4] == ["r-0042", "clusterset", MODELSERVING, "PAUSED"]
+    assert "2/5 replaced" in lines[2] and "9c1e0d2a -> 77aa01bc (new cluster failed)" in lines[2]
+    assert json.loads(invoke("rollout", "list", "-o", "json").stdout) == [FLEET_ROLLOUT, SET_ROLLOUT]
+    stub.rollout_items = []
+    assert "no rollouts match" in invoke("rollout", "list").stderr
+
+
+def test_rollout_get_shows_stages_sets_and_timeline(stub: type[StubClient]) -> None:
+    stub.rollout_items = [FLEET_ROLLOUT, SET_ROLLOUT]
+    fleet = invoke("rollout", "get", "k8s-131")
+    assert fleet.exit_code == 0, fleet.output
+    text = fleet.stdout
+    assert "stages" in text and "canary" in text and "clustersets" in text
+    row = next(line for line in text.splitlines() if line.startswith("b "))
+    assert row.split()[:4] == ["b", "rest", "FAILED", "in-place"] and "upgrade failed" in row
+    assert "COMPLETED 2/2" in text
+    one = invoke("rollout", "get", "r-0042")
+    assert "createdClusters: n1 n2" in one.stdout and "failedClusterIds: n2" in one.stdout
+    assert "2026-11-21T10:05:00Z PAUSED (new cluster failed)" in one.stdout
+    assert json.loads(invoke("rollout", "get", "r-0042", "-o", "json").stdout) == SET_ROLLOUT
+    missing = invoke("rollout", "get", "nope")
+    assert missing.exit_code == 1 and "not found" in missing.stderr
+
+
+FLEET_FILE = {
+    "kind": "FleetRollout", "rolloutId": "k8s-131", "clusterType": "ModelServing",
+    "selector": {"envs": ["prod"], "clouds": ["aws", "gcp"]},
+    "patch": {"kubernetesVersion": "1.31"},
+    "stages": [{"name": "canary", "selector": {"names": [MODELSERVING]}, "soakSeconds": 3600},
+               {"name": "rest", "approval": True}],
+    "maxInFlight": 5, "failureBudget": 1,
+}  # fmt: skip
+
+
+def test_fleet_rollout_start_reads_camel_case_yaml(stub: type[StubClient], tmp_path: Path) -> None:
+    result = invoke("fleet-rollout", "start", str(write(tmp_path, "f.yaml", [FLEET_FILE])))
+    assert result.exit_code == 0, result.output
+    (request,) = stub.requests
+    assert isinstance(request, FleetRolloutRequested)
+    assert (request.rollout_id, request.cluster_type, request.max_in_flight, request.failure_budget) == (
+        "k8s-131", "ModelServing", 5, 1)
+    assert request.selector.clouds == ["aws", "gcp"] and request.patch == {"kubernetesVersion": "1.31"}
+    assert [(s.name, s.soak_seconds, s.approval) for s in request.stages] == [("canary", 3600, False),
+                                                                               ("rest", 0, True)]  # fmt: skip
+    assert request.stages[0].selector.names == [MODELSERVING]
+    assert "fleet-rollout/k8s-131 requested (event ev-1)" in result.stdout
+    # The same in JSON with python names is the same request; --dry-run publishes nothing.
+    snake = {"rollout_id": "k8s-131", "cluster_type": "ModelServing", "patch": {"kubernetesVersion": "1.31"},
+             "selector": FLEET_FILE["selector"], "max_in_flight": 5, "failure_budget": 1,
+             "stages": [{"name": "canary", "selector": {"names": [MODELSERVING]}, "soak_seconds": 3600},
+                        {"name": "rest", "approval": True}]}  # fmt: skip
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps(snake))
+    dry = invoke("fleet-rollout", "start", str(path), "--dry-run")
+    assert dry.exit_code == 0 and "is valid (2 stage(s): canary, rest); nothing published" in dry.stdout
+    assert stub.requests == [request]
+    assert load_fleet_rollout(path) == request
+
+
+def test_fleet_rollout_start_prints_every_bad_field_and_publishes_nothing(stub: type[StubClient],
+                                                                          tmp_path: Path) -> None:  # fmt: skip
+    bad = {**FLEET_FILE, "rolloutId": "K8s 1.31", "maxInFlight": 0, "colour": "red",
+           "patch": {"kubernetesVersoin": "1.31", "count": 9},
+           "stages": [{"name": "canary", "soakSeconds": -5}, {"name": "canary", "selector": {"clouds": ["ibm"]}}]}
+    result = invoke("fleet-rollout", "start", str(write(tmp_path, "bad.yaml", [bad])))
+    assert result.exit_code == 2, result.output
+    assert "nothing was published" in result.stderr and stub.requests == []
+    fields = {line.split(":")[0].strip() for line in result.stderr.splitlines() if line.startswith("  ")}
+    assert fields == {"rolloutId", "maxInFlight", "colour", "patch.kubernetesVersoin", "patch.count",
+                      "stages[0].soakSeconds", "stages[1].name", "stages[1].selector.clouds[0]"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [("a: [1\n", "not valid YAML"), ("a: 1\n---\nb: 2\n", "found 2"), ("", "found 0"),
+     ("- a list\n", "must be a mapping")],
+)
+def test_fleet_rollout_start_file_errors(content: str, text: str, tmp_path: Path, stub: type[StubClient]) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_text(content)
+    result = invoke("fleet-rollout", "start", str(path))
+    assert result.exit_code == 2 and text in result.stderr, result.output
+    missing = invoke("fleet-rollout", "start", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 2 and "cannot read" in missing.stderr
+    assert stub.requests == []
+
+
+def test_fleet_rollout_start_waits_and_shows_a_rejection(stub: type[StubClient], tmp_path: Path) -> None:
+    errors = [FieldError(field="patch.nodePools", message="unknown pool")]
+    stub.answer = new_event(FleetRolloutRejected(rollout_id="k8s-131", errors=errors), source="fleet")
+    result = invoke("fleet-rollout", "start", str(write(tmp_path, "f.yaml", [FLEET_FILE])), "--wait", "5")
+    assert result.exit_code == 1 and "fleet-rollout/k8s-131 rejected" in result.stderr
+    assert "patch.nodePools: unknown pool" in result.stderr
+
+
+def test_fleet_rollout_approve_and_control(stub: type[StubClient]) -> None:
+    assert invoke("fleet-rollout", "approve", "k8s-131", "rest", "--approver", "alice").exit_code == 0
+    approval = stub.requests[-1]
+    assert isinstance(approval, FleetRolloutApproved) and (approval.stage, approval.approver) == ("rest", "alice")
+    assert invoke("fleet-rollout", "approve", "k8s-131", "rest").exit_code == 0
+    assert isinstance(stub.requests[-1].approver, str)  # the local user, or anonymous without one
+    for action in ("pause", "resume", "abort"):
+        result = invoke("fleet-rollout", action, "k8s-131", "--reason", "incident 42")
+        assert result.exit_code == 0, result.output
+        control = stub.requests[-1]
+        assert isinstance(control, FleetRolloutControlRequested)
+        assert (control.rollout_id, control.action, control.reason) == ("k8s-131", action, "incident 42")
+        assert f"{action} of fleet-rollout/k8s-131 requested" in result.stdout
+    assert invoke("fleet-rollout", "rollback", "k8s-131").exit_code == 2  # not a fleet action
+
+
+def test_parse_fleet_rollout_rules() -> None:
+    model, errors = parse_fleet_rollout(FLEET_FILE)
+    assert model is not None and errors == []
+    _, errors = parse_fleet_rollout({**FLEET_FILE, "max_in_flight": 3})
+    assert [e.field for e in errors] == ["maxInFlight"] and "given twice" in errors[0].message
+    _, errors = parse_fleet_rollout({**FLEET_FILE, "kind": "ClusterSet", "patch": {}})
+    assert {e.field for e in errors} == {"kind", "patch"}
+    _, errors = parse_fleet_rollout({**FLEET_FILE, "patch": {"updateStrategy": {"type": "in-place"},
+                                                             "node_pools": []}})  # fmt: skip
+    assert [e.field for e in errors] == ["patch.updateStrategy"]  # python spelling of a spec field is fine
+    assert parse_fleet_rollout([1])[1][0].field == "(document)"
+    with pytest.raises(InvalidRequest, match="rollout_id|rolloutId"):
+        _intent(FleetRolloutApproved, "approval", rollout_id="", stage="s")

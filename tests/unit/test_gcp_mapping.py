@@ -35,6 +35,7 @@ from services.cloud_provisioner.providers.gcp_mapping import (
     Paths,
     ca_fingerprint,
     cluster_body,
+    cluster_labels_request,
     described_ours,
     description,
     fit_name,
@@ -46,7 +47,9 @@ from services.cloud_provisioner.providers.gcp_mapping import (
     names_for,
     network_ref,
     node_pool_body,
+    pool_fixed_changes,
     pool_name,
+    pool_update_request,
     service_account_body,
     with_members,
     without_member,
@@ -246,6 +249,41 @@ def test_pool_without_capacity_has_autoscaling_off() -> None:
 
 
 # ---------------------------------------------------------------- facts and policy edits
+def _pool_of(**changes: Any) -> container_v1.NodePool:
+    ctx = cluster_context("serverless-prod-gcp-europe-west4")
+    assert ctx.spec is not None
+    pool = NodePool.model_validate({**ctx.spec.node_pools[0].model_dump(by_alias=True), **changes}, strict=False)
+    return node_pool_body(ctx, pool, SA)
+
+
+def test_pool_update_request_carries_only_what_differs() -> None:
+    live = _pool_of()
+    live.config.resource_labels["goog-gke-node-pool-provisioning-model"] = "on-demand"  # GKE's own: kept, ignored
+    assert pool_update_request("n", live, _pool_of()) is None
+    assert pool_update_request("n", live, _pool_of(maxCount=80)) is None  # autoscaling is setAutoscaling's job
+    relabelled = pool_update_request("n", live, _pool_of(labels={"tier": "gold"}))
+    assert relabelled is not None
+    assert json.loads(container_v1.UpdateNodePoolRequest.to_json(relabelled, including_default_value_fields=False)) \
+        == {"name": "n", "labels": {"labels": {"tier": "gold"}}}  # fmt: skip
+    untainted = pool_update_request("n", live, _pool_of(taints=[]))
+    assert untainted is not None and "taints" in untainted and list(untainted.taints.taints) == []
+    wanted = _pool_of()
+    wanted.config.resource_labels["owner"] = "faas"
+    retagged = pool_update_request("n", live, wanted)
+    assert retagged is not None and dict(retagged.resource_labels.labels) == {
+        **dict(wanted.config.resource_labels), "goog-gke-node-pool-provisioning-model": "on-demand"}
+    assert pool_fixed_changes(live, _pool_of(instanceTypes=["n2-standard-64"], spot=True)) == ["machineType", "spot"]
+    assert pool_fixed_changes(live, _pool_of(maxCount=5, labels={})) == []
+
+
+def test_cluster_labels_request_keeps_gke_labels_and_the_fingerprint() -> None:
+    found = container_v1.Cluster(resource_labels={"team": "a", "goog-x": "1"}, label_fingerprint="fp")
+    assert cluster_labels_request("c", found, {"team": "a"}) is None
+    request = cluster_labels_request("c", found, {"team": "b"})
+    assert request is not None and request.label_fingerprint == "fp"
+    assert dict(request.resource_labels) == {"team": "b", "goog-x": "1"}
+
+
 def test_ca_fingerprint_is_sha256_of_the_der_certificate() -> None:
     der = bytes(range(256)) * 3
     pem = "-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der).decode() + "-----END CERTIFICATE-----\n"

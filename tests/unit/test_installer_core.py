@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,18 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.infra_installer import core
-from services.infra_installer.app import Installer
-from services.infra_installer.core import EmitReady, Fail, Install, InstallerState
-from services.infra_installer.targets.base import ClusterRef, HealthTimeout, KubernetesTarget
+from services.infra_installer.app import Installer, drained_envelope, reconcile_reason
+from services.infra_installer.core import AnswerDrains, DrainPass, EmitReady, Fail, Install, InstallerState
+from services.infra_installer.targets.base import ClusterRef, DrainReport, HealthTimeout, InstallError, KubernetesTarget
 from shared.catalog import CATALOG, install_order
-from shared.events import Envelope, decode_payload, new_event
+from shared.events import Envelope, decode_payload, derive_id, new_event
 from shared.events.clusterset import ClusterSpec, InfraServiceRef
 from shared.events.models import (
+    ClusterDrained,
     ClusterDrainRequested,
     ClusterInfraFailed,
     ClusterProvisioned,
     ClusterReady,
     ClusterRequested,
+    ClusterResourcesUpdated,
     ClusterUpdateRequested,
     Event,
     InfraReconcileRequested,
@@ -174,10 +177,24 @@ def test_newest_generation_wins_in_any_order() -> None:
 def test_events_for_other_services_leave_the_state_alone() -> None:
     requested, _ = cluster_events("core-prod-aws-eu-west-1")
     state = core.evolve(None, requested)
-    drain = ClusterDrainRequested(location=requested.location, cluster_id=requested.cluster_id,
-                                  clusterset=requested.clusterset)  # fmt: skip
-    assert core.evolve(state, drain) == state
-    assert core.evolve(None, drain) is None
+    drained = ClusterDrained(location=requested.location, cluster_id=requested.cluster_id,
+                             clusterset=requested.clusterset)  # fmt: skip
+    assert core.evolve(state, drained) == state
+    assert core.evolve(None, drained) is None
+
+
+def update_requested(requested: ClusterRequested, spec: ClusterSpec, generation: int = 2) -> ClusterUpdateRequested:
+    return ClusterUpdateRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                  clusterset=requested.clusterset, generation=generation,
+                                  config_hash=spec.config_hash(), spec=spec,
+                                  changes=["spec.infraServices"])  # fmt: skip
+
+
+def resources_updated(requested: ClusterRequested, generation: int, resources: dict[str, dict[str, Any]] | None = None
+                      ) -> ClusterResourcesUpdated:  # fmt: skip
+    return ClusterResourcesUpdated(location=requested.location, cluster_id=requested.cluster_id,
+                                   clusterset=requested.clusterset, generation=generation, config_hash="h",
+                                   resources=resources or {}, changed=["node_pools"])  # fmt: skip
 
 
 # ---------------------------------------------------------------- properties
@@ -197,6 +214,10 @@ def _event_pool() -> list[Event]:
     pool.append(core.ready_event(state, EmitReady(tuple(core.plan(requested.spec)[0]))))
     pool.append(core.failed_event(state, "ingress", "timeout", retryable=True))
     pool.append(retirement_requested(requested, reason="rotation"))
+    update = update_requested(requested, small, generation=3)
+    pool.append(update)
+    pool.append(resources_updated(requested, 3, {"log_stream": {"name": "new"}}))
+    pool.append(resources_updated(requested, 2, {"log_stream": {"name": "old"}}))
     return pool
 
 
@@ -249,6 +270,8 @@ class MemoryTarget(KubernetesTarget):
     def __init__(self, fail: int = 0, healthy: bool = True) -> None:
         self.applied: list[tuple[str, str, str, dict[str, Any]]] = []
         self.fail, self.healthy = fail, healthy
+        self.reports: list[DrainReport | Exception] = []  # what the next drain passes return (or raise)
+        self.drains = 0
 
     async def apply_service(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> None:
         if self.fail:
@@ -265,6 +288,13 @@ class MemoryTarget(KubernetesTarget):
 
     async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
         return self.healthy
+
+    async def drain(self, cluster: ClusterRef) -> DrainReport:
+        self.drains += 1
+        report = self.reports.pop(0) if self.reports else DrainReport(evicted=0, remaining=0)
+        if isinstance(report, Exception):
+            raise report
+        return report
 
 
 def envelope(payload: Event, cause: Envelope | None = None) -> Envelope:
@@ -363,10 +393,8 @@ def test_update_reapplies_for_the_new_spec_then_prunes_dependents_first_then_is_
     state, _ = drive([requested, provisioned])
     spec = requested.spec.model_copy(update={"infra_services": [
         "namespaces", "rbac", "observability", InfraServiceRef(name="logging", version="3.2.0")]})
-    update = ClusterUpdateRequested(location=requested.location, cluster_id=requested.cluster_id,
-                                    clusterset=requested.clusterset, generation=2, config_hash=spec.config_hash(),
-                                    spec=spec, changes=["spec.infraServices"])  # fmt: skip
-    state, emitted = drive([update], state)
+    update = update_requested(requested, spec)
+    state, emitted = drive([update, resources_updated(requested, 2)], state)
     # Every listed service is re-applied for the new spec (unchanged objects are server-side-apply no-ops).
     assert [(type(e).__name__, getattr(e, "service", None)) for e in emitted] == [
         ("InfraServiceInstalled", "namespaces"),
@@ -382,6 +410,206 @@ def test_update_reapplies_for_the_new_spec_then_prunes_dependents_first_then_is_
     assert state is not None and state.installed["logging"] == "3.2.0" and "ingress" not in state.installed
     # The same update again (or an older generation) changes nothing.
     assert drive([update], state)[1] == []
+
+
+# ---------------------------------------------------------------- the in-place gate
+def _ready_cluster(name: str = "modelserving-prod-aws-us-east-1") -> tuple[ClusterRequested, InstallerState]:
+    requested, provisioned = cluster_events(name)
+    state, _ = drive([requested, provisioned])
+    assert state is not None and state.ready
+    return requested, state
+
+
+def step(inputs: Sequence[Event], state: InstallerState) -> tuple[InstallerState, list[Event]]:
+    new, emitted = drive(inputs, state)
+    assert new is not None
+    return new, emitted
+
+
+def test_ready_after_an_update_waits_for_the_cloud_side_of_the_same_generation() -> None:
+    requested, state = _ready_cluster()
+    spec = requested.spec.model_copy(update={"infra_services": ["namespaces", "rbac"]})
+    state, emitted = step([update_requested(requested, spec, generation=2)], state)
+    # Re-applied (and pruned) at once, but not READY: the node pools may still be converging.
+    assert [type(e).__name__ for e in emitted][:2] == ["InfraServiceInstalled", "InfraServiceInstalled"]
+    assert not any(isinstance(e, ClusterReady) for e in emitted)
+    assert not state.ready and core.next_action(state) is None
+    # An older generation's cloud side does not open the gate.
+    state, emitted = step([resources_updated(requested, 1)], state)
+    assert emitted == [] and core.next_action(state) is None
+    state, emitted = step([resources_updated(requested, 2)], state)
+    (ready,) = emitted
+    assert isinstance(ready, ClusterReady) and ready.config_hash == spec.config_hash()
+    # A redelivery of it changes nothing and emits nothing.
+    assert drive([resources_updated(requested, 2)], state) == (state, [])
+
+
+def test_the_cloud_side_may_finish_first() -> None:
+    requested, state = _ready_cluster()
+    spec = requested.spec.model_copy(update={"infra_services": ["namespaces", "rbac"]})
+    state, emitted = step([resources_updated(requested, 2)], state)
+    assert emitted == [] and state.ready  # nothing to do before the update itself
+    state, emitted = step([update_requested(requested, spec, generation=2)], state)
+    ready = emitted[-1]
+    assert isinstance(ready, ClusterReady) and ready.config_hash == spec.config_hash()
+    # ... and a newer generation's results open the gate for an older update too.
+    requested2, state2 = _ready_cluster()
+    state2, _ = step([resources_updated(requested2, 3)], state2)
+    state2, emitted2 = step([update_requested(requested2, spec, generation=2)], state2)
+    assert isinstance(emitted2[-1], ClusterReady)
+
+
+def test_new_provisioning_results_are_recorded_and_every_service_is_rendered_again() -> None:
+    requested, state = _ready_cluster("serverless-prod-gcp-europe-west4")
+    update = update_requested(requested, requested.spec, generation=2)  # e.g. only node pools changed
+    stream = {"log_stream": {"name": "logs-v2", "topic": "projects/p/topics/logs-v2"}}
+    state, emitted = step([resources_updated(requested, 2, stream), update], state)
+    assert state.resources["log_stream"]["name"] == "logs-v2"
+    names = install_order(requested.spec.infra_service_names())
+    assert [e.service for e in emitted if isinstance(e, InfraServiceInstalled)] == names
+    assert isinstance(emitted[-1], ClusterReady)
+    # Results that change nothing re-render nothing; a late ClusterProvisioned does not undo the update's.
+    again = core.evolve(state, resources_updated(requested, 3, stream))
+    assert again is not None and again.installed_for == state.installed_for
+    late = core.evolve(state, cluster_provisioned(requested).model_copy(update={"resources": {"log_stream": {}}}))
+    assert late is not None and late.resources == state.resources
+
+
+# ---------------------------------------------------------------- drains
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def drain_env(requested: ClusterRequested, timeout_s: float = 60, at: datetime = T0, rollout: str = "r1") -> Envelope:
+    payload = ClusterDrainRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                    clusterset=requested.clusterset, rollout_id=rollout, timeout_seconds=timeout_s)
+    return new_event(payload, source="rotation", time=at)
+
+
+def with_drain(state: InstallerState, env: Envelope) -> InstallerState:
+    new = core.evolve(state, decode_payload(env), env)
+    assert new is not None
+    return new
+
+
+def test_a_drain_request_is_recorded_with_its_deadline_once() -> None:
+    requested, state = _ready_cluster()
+    env = drain_env(requested, timeout_s=90)
+    state = with_drain(state, env)
+    (request,) = state.drain.pending
+    assert (request.id, request.rollout_id, request.requested_at) == (env.id, "r1", T0)
+    assert request.deadline == T0 + timedelta(seconds=90)
+    assert with_drain(state, env) == state  # redelivered: the same request
+    assert core.drain_action(state) == DrainPass() and reconcile_reason(state) == "drain"
+    assert core.drift_check(state) == []  # a cluster on its way out is not checked for drift
+    with pytest.raises(ValueError):
+        core.evolve(state, decode_payload(env))  # its time and id are part of it
+
+
+def test_passes_until_nothing_is_left_then_one_answer() -> None:
+    requested, state = _ready_cluster()
+    state = with_drain(state, env := drain_env(requested))
+    state, answers = core.settle_drain(state, DrainReport(evicted=2, remaining=3, blocked=3), T0)
+    assert answers == [] and state.drain.pending and state.drain.remaining == 3
+    state, answers = core.settle_drain(state, DrainReport(evicted=3, remaining=0), T0 + timedelta(seconds=5))
+    (answer,) = answers
+    assert answer.request.id == env.id
+    assert (answer.event.timed_out, answer.event.evicted, answer.event.remaining, answer.event.rollout_id) == (
+        False, 5, 0, "r1")  # fmt: skip
+    assert state.drain.drained and not state.drain.pending and core.drain_action(state) is None
+    assert reconcile_reason(state) is None  # drained: no drift checks, nothing to nudge
+    # The request again (after the ledger forgot it) is not answered twice.
+    assert with_drain(state, env) == state
+
+
+def test_a_drain_past_its_deadline_is_answered_timed_out_and_never_forced() -> None:
+    requested, state = _ready_cluster()
+    state = with_drain(state, drain_env(requested, timeout_s=30))
+    blocked = DrainReport(evicted=0, remaining=4, blocked=4)
+    state, answers = core.settle_drain(state, blocked, T0 + timedelta(seconds=29))
+    assert answers == []
+    state, answers = core.settle_drain(state, blocked, T0 + timedelta(seconds=30))
+    (answer,) = answers
+    assert (answer.event.timed_out, answer.event.remaining, answer.event.evicted) == (True, 4, 0)
+    assert not state.drain.drained and core.drain_action(state) is None
+    # A new request drains again (pods are still there), with its own deadline.
+    state = with_drain(state, drain_env(requested, at=T0 + timedelta(minutes=5), rollout="r2"))
+    assert core.drain_action(state) == DrainPass()
+
+
+def test_a_failed_pass_still_times_out_with_what_the_last_pass_saw() -> None:
+    requested, state = _ready_cluster()
+    state = with_drain(state, drain_env(requested, timeout_s=10))
+    state, _ = core.settle_drain(state, DrainReport(evicted=1, remaining=2, blocked=2), T0)
+    state, answers = core.settle_drain(state, None, T0 + timedelta(seconds=5))
+    assert answers == [] and state.drain.remaining == 2
+    state, (answer,) = core.settle_drain(state, None, T0 + timedelta(seconds=11))
+    assert (answer.event.timed_out, answer.event.remaining, answer.event.evicted) == (True, 2, 1)
+
+
+def test_two_open_requests_each_get_their_own_answer() -> None:
+    requested, state = _ready_cluster()
+    first, second = drain_env(requested, timeout_s=10, rollout="a"), drain_env(requested, timeout_s=100, rollout="b")
+    state = with_drain(with_drain(state, first), second)
+    state, answers = core.settle_drain(state, DrainReport(0, 1, 1), T0 + timedelta(seconds=20))
+    assert [(a.request.id, a.event.timed_out) for a in answers] == [(first.id, True)]
+    state, answers = core.settle_drain(state, DrainReport(1, 0), T0 + timedelta(seconds=30))
+    assert [(a.request.id, a.event.timed_out, a.event.rollout_id) for a in answers] == [(second.id, False, "b")]
+
+
+def test_a_drained_cluster_is_not_drained_again_and_a_retired_one_not_at_all() -> None:
+    requested, state = _ready_cluster()
+    state = with_drain(state, drain_env(requested))
+    state, _ = core.settle_drain(state, DrainReport(evicted=2, remaining=0), T0)
+    state = with_drain(state, drain_env(requested, rollout="r2"))
+    assert core.drain_action(state) == AnswerDrains()
+
+    retired = core.evolve(_ready_cluster()[1], retirement_requested(requested, reason="rotation"))
+    assert retired is not None
+    assert with_drain(retired, drain_env(requested)) == retired and core.drain_action(retired) is None
+    # Retired while a drain is open: no more passes.
+    draining = with_drain(_ready_cluster()[1], drain_env(requested))
+    gone = core.evolve(draining, retirement_requested(requested, reason="manual"))
+    assert gone is not None and core.drain_action(gone) is None and reconcile_reason(gone) is None
+
+
+async def test_the_handler_drains_through_the_port_and_answers_once_with_a_deterministic_id() -> None:
+    requested, state = _ready_cluster()
+    target = MemoryTarget()
+    target.reports = [DrainReport(evicted=2, remaining=1, blocked=1), InstallError("api down"),
+                      DrainReport(evicted=1, remaining=0)]  # fmt: skip
+    installer = Installer(target, clock=lambda: T0)
+    env = drain_env(requested)
+    out = await installer.handle(env, state)
+    assert not out.events and out.state is not None and out.state.drain.remaining == 1
+    nudge = InfraReconcileRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                    clusterset=requested.clusterset, reason="drain", bucket=1)  # fmt: skip
+    failed = await installer.handle(envelope(nudge), out.state)  # a failing pass holds nothing and answers nothing
+    assert not failed.events and failed.state == out.state
+    done = await installer.handle(envelope(nudge.model_copy(update={"bucket": 2})), out.state)
+    (drained,) = done.events
+    assert drained.id == derive_id(env.id, "ClusterDrained") and drained.causation_id == env.id
+    assert drained.correlation_id == env.correlation_id and drained.source == "infra_installer"
+    payload = decode_payload(drained)
+    assert isinstance(payload, ClusterDrained) and (payload.evicted, payload.timed_out) == (3, False)
+    assert drained_envelope(core.settle_drain(out.state, DrainReport(0, 0), T0)[1][0]).id == drained.id
+    # Later nudges and the request again do nothing, and never reach the cluster.
+    assert done.state is not None
+    again = await installer.handle(envelope(nudge.model_copy(update={"bucket": 3})), done.state)
+    assert not again.events and target.drains == 3
+    assert not (await installer.handle(env, done.state)).events
+
+
+async def test_a_new_request_on_a_drained_cluster_is_answered_without_a_pass() -> None:
+    requested, state = _ready_cluster()
+    target = MemoryTarget()
+    installer = Installer(target, clock=lambda: T0)
+    first = await installer.handle(drain_env(requested), state)
+    assert len(first.events) == 1 and target.drains == 1
+    assert first.state is not None
+    second = await installer.handle(drain_env(requested, rollout="r2"), first.state)
+    (answer,) = [decode_payload(e) for e in second.events]
+    assert isinstance(answer, ClusterDrained) and answer.rollout_id == "r2" and not answer.timed_out
+    assert target.drains == 1
 
 
 def test_the_periodic_retry_clears_only_a_retryable_failure() -> None:

@@ -23,6 +23,7 @@ from tests.conftest import EXAMPLES_DIR, example_documents
 
 DOCS = example_documents()
 CS = T.parse(DOCS["modelserving-prod-aws-us-east-1"])
+AZ = T.parse(DOCS["dataeng-staging-azure-westeurope"])
 NAME = CS.metadata.name
 LOC = CS.metadata.location
 ACC = T.accepted(CS)
@@ -237,7 +238,8 @@ def test_drain_then_retire() -> None:
     apply(views, 110, ev(m.ClusterDrained(**common(), rollout_id="r1", timed_out=True), 72))
     doc = views.clusters["c1"]
     assert doc["state"] == "DRAINED" and doc["drain"] == {"requestedAt": "2026-11-21T11:10:00Z",
-                                                          "drainedAt": "2026-11-21T11:12:00Z", "timedOut": True}
+                                                          "drainedAt": "2026-11-21T11:12:00Z", "timedOut": True,
+                                                          "timeoutSeconds": 900, "evicted": 0, "remaining": 0}
     run(T.retire(CS, ACC, "c1", T.T0 + timedelta(hours=2), reason="rotation"), views, start_seq=120)
     assert views.clusters["c1"]["state"] == "DELETED"
 
@@ -273,7 +275,10 @@ def test_clusterset_accepted_rejected_retired() -> None:
     views = run([ACC])
     doc = views.clustersets[NAME]
     assert doc["accepted"] and not doc["deleted"] and doc["generation"] == 1 and doc["count"] == 5
-    assert doc["updateStrategy"] == {"type": "cluster-rotation", "maxSurge": 2, "maxUnavailable": 0}
+    assert doc["updateStrategy"] | {"type": "cluster-rotation", "maxSurge": 2, "maxUnavailable": 0} \
+        == doc["updateStrategy"]
+    assert doc["lastChange"] == {"generation": 1, "updatePath": "none", "changes": [], "fleetRolloutId": None,
+                                 "time": "2026-11-21T10:00:00Z"}  # fmt: skip
     assert doc["spec"]["kubernetesVersion"] == "1.30" and doc["location"]["cloud"] == "aws"
     rejected = ev(m.ClusterSetRejected(clusterset=NAME, cloud="aws", region="us-east-1",
                                        errors=[FieldError(field="spec.count", message="must be >= 0")]), 5)
@@ -305,22 +310,281 @@ def test_a_name_never_accepted_keeps_its_rejection_and_a_nameless_one_is_skipped
     assert doc["lastRejection"]["errors"] == [{"field": "spec.nodePools", "message": "Field required"}]
 
 
-def test_rollout_view() -> None:
+def rollout_requested(rollout_id: str, n: int, **kw: Any) -> Envelope:
     spec = CS.spec.cluster_spec()
+    fields: dict[str, Any] = dict(location=LOC, clusterset=NAME, rollout_id=rollout_id, generation=2,
+                                  from_config_hashes=["a"], to_config_hash="b", cluster_type="ModelServing", spec=spec,
+                                  update_strategy=CS.spec.update_strategy, count=5, serial_base=5, members=[],
+                                  changes=["kubernetesVersion"])  # fmt: skip
+    return ev(m.RolloutRequested(**(fields | kw)), n)
+
+
+def test_rollout_view() -> None:
     base: dict[str, Any] = dict(location=LOC, clusterset=NAME, rollout_id="r1")
     views = run([
         ACC,
-        ev(m.RolloutRequested(**base, generation=2, from_config_hashes=["a"], to_config_hash="b", spec=spec,
-                              update_strategy=CS.spec.update_strategy), 1),
+        rollout_requested("r1", 1),
         ev(m.RolloutStarted(**base, to_config_hash="b"), 2),
-        ev(m.RolloutProgressed(**base, replaced=2, remaining=3), 3),
+        ev(m.RolloutProgressed(**base, replaced=2, remaining=3, batch=1, ready=2, alive=5), 3),
         ev(m.RolloutProgressed(**dict(base, rollout_id="old"), replaced=9, remaining=0), 4),
-        ev(m.RolloutPaused(**base, reason="too many failures"), 5),
+        ev(m.RolloutPaused(**base, reason="too many failures", failed=True, cluster_ids=["c9"]), 5),
     ])  # fmt: skip
     rollout = views.clustersets[NAME]["rollout"]
-    assert rollout == {"rolloutId": "r1", "state": "PAUSED", "startedAt": "2026-11-21T10:02:00Z",
+    assert rollout == {"rolloutId": "r1", "state": "PAUSED", "startedAt": "2026-11-21T10:02:00Z", "endedAt": None,
                        "updatedAt": "2026-11-21T10:05:00Z", "fromConfigHashes": ["a"], "toConfigHash": "b",
-                       "generation": 2, "replaced": 2, "remaining": 3, "reason": "too many failures"}  # fmt: skip
+                       "generation": 2, "count": 5, "changes": ["kubernetesVersion"], "replaced": 2, "remaining": 3,
+                       "batch": 1, "ready": 2, "alive": 5, "reason": "too many failures", "failed": True,
+                       "failedClusterIds": ["c9"], "waiting": None, "fleetRolloutId": None}  # fmt: skip
+    assert set(views.rollouts) == {"r1", "old"}  # every rollout has its own document, the stray one too
+    assert views.rollouts["r1"] | rollout | {"updatedAt": rollout["updatedAt"]} == views.rollouts["r1"]
+
+
+def states_of(timeline: list[dict[str, Any]]) -> list[str]:
+    return [t["state"] for t in timeline]
+
+
+def test_rollout_state_machine_and_its_guards() -> None:
+    base: dict[str, Any] = dict(location=LOC, clusterset=NAME, rollout_id="r1")
+    views = run([
+        rollout_requested("r1", 1),
+        ev(m.RolloutStarted(**base, to_config_hash="b", count=5, outdated=["c2", "c1"]), 2),
+        ev(m.RolloutWaiting(**base, reason="outside the maintenance window",
+                            until=T.T0 + timedelta(hours=8)), 3),
+        ev(m.RolloutProgressed(**base, replaced=1, remaining=4), 4),
+        ev(m.RolloutPaused(**base, reason="new cluster failed", failed=True, cluster_ids=["c7"]), 5),
+        ev(m.RolloutProgressed(**base, replaced=2, remaining=3), 6),  # a batch finishing does not resume it
+        rollout_requested("r1", 7, generation=3),  # late: never back to REQUESTED
+    ])  # fmt: skip
+    doc = views.rollouts["r1"]
+    assert doc["state"] == "PAUSED" and doc["reason"] == "new cluster failed" and doc["failed"] is True
+    assert doc["replaced"] == 2 and doc["failedClusterIds"] == ["c7"] and doc["outdatedClusters"] == ["c1", "c2"]
+    assert states_of(doc["timeline"]) == ["REQUESTED", "IN_PROGRESS", "WAITING", "IN_PROGRESS", "PAUSED"]
+    assert doc["timeline"][2] == {"state": "WAITING", "time": "2026-11-21T10:03:00Z", "type": "RolloutWaiting",
+                                  "eventId": "e-RolloutWaiting-3", "reason": "outside the maintenance window"}
+    run([
+        ev(m.RolloutResumed(**base), 8),
+        ev(m.RolloutRollingBack(**base, reason="operator"), 9),
+        ev(m.RolloutProgressed(**base, replaced=1, remaining=0), 10),
+        ev(m.RolloutRolledBack(**base, reason="operator", next_serial=9), 11),
+        ev(m.RolloutProgressed(**base, replaced=5, remaining=0), 12),  # late facts of a finished rollout
+        ev(m.RolloutResumed(**base), 13),
+    ], views, start_seq=100)  # fmt: skip
+    doc = views.rollouts["r1"]
+    assert doc["state"] == "ROLLED_BACK" and doc["reason"] == "operator" and doc["endedAt"] == "2026-11-21T10:11:00Z"
+    assert doc["replaced"] == 1 and doc["failed"] is False
+    assert states_of(doc["timeline"])[-3:] == ["IN_PROGRESS", "ROLLING_BACK", "ROLLED_BACK"]
+    assert views.clustersets[NAME]["rollout"]["state"] == "ROLLED_BACK"
+    # a new rollout of the set replaces the finished one in the set's summary
+    apply(views, 200, rollout_requested("r2", 20))
+    assert views.clustersets[NAME]["rollout"]["rolloutId"] == "r2" and views.rollouts["r1"]["state"] == "ROLLED_BACK"
+
+
+def test_rollout_waiting_ends_with_progress_and_aborted_is_final() -> None:
+    base: dict[str, Any] = dict(location=LOC, clusterset=NAME, rollout_id="r1")
+    views = run([
+        rollout_requested("r1", 1),
+        ev(m.RolloutWaiting(**base, reason="window closed"), 2),
+        ev(m.RolloutProgressed(**base, replaced=1, remaining=4), 3),
+    ])  # fmt: skip
+    assert views.rollouts["r1"]["state"] == "IN_PROGRESS" and views.rollouts["r1"]["waiting"] is None
+    run([ev(m.RolloutAborted(**base, reason="stop", next_serial=7), 4), ev(m.RolloutCompleted(**base), 5)], views, 10)
+    doc = views.rollouts["r1"]
+    assert doc["state"] == "ABORTED" and doc["reason"] == "stop" and doc["remaining"] == 4
+
+
+def test_a_rotation_history_shows_on_the_rollout_its_clusters_and_the_set() -> None:
+    new_cs = T.with_spec(CS, kubernetes_version="1.31")
+    history = T.fleet_history(CS, ["c1", "c2"])
+    events = [*history, *T.rotation(CS, new_cs, ACC, "r1", ["c1", "c2"], ["n1", "n2"], T.T0 + timedelta(hours=1))]
+    views = run(events)
+    doc = views.rollouts["r1"]
+    assert doc["state"] == "COMPLETED" and doc["kind"] == "ClusterSetRollout" and doc["clusterset"] == NAME
+    assert doc["createdClusters"] == ["n1", "n2"] and doc["retiredClusters"] == ["c1", "c2"]
+    assert doc["outdatedClusters"] == ["c1", "c2"] and doc["clusterType"] == "ModelServing"
+    assert (doc["replaced"], doc["remaining"], doc["count"], doc["changes"]) == (2, 0, 2, ["kubernetesVersion"])
+    assert states_of(doc["timeline"]) == ["REQUESTED", "IN_PROGRESS", "COMPLETED"]
+    assert doc["requestedAt"] == "2026-11-21T11:00:00Z" and doc["endedAt"] == doc["timeline"][-1]["time"]
+    assert doc["eventCount"] == 2 + 2 + 2 + 2 + 1  # its facts, 2 created, 2 retired, 2 progress, completed
+    n1, c1 = views.clusters["n1"], views.clusters["c1"]
+    assert n1["createdByRolloutId"] == "r1" and n1["state"] == "READY" and n1["generation"] == 2
+    assert c1["state"] == "DELETED" and c1["retirement"]["rolloutId"] == "r1" and c1["rolloutId"] == "r1"
+    assert c1["retirement"]["reason"] == "rotation" and c1["drain"]["evicted"] == 12
+    assert c1["drain"]["timeoutSeconds"] == 600
+    cs = views.clustersets[NAME]
+    assert cs["rollout"]["state"] == "COMPLETED" and cs["convergedGeneration"] == 2
+    assert cs["upToDate"] is False  # the set document is still at generation 1 here (no ClusterSetAccepted 2)
+    apply(views, 10_000, T.accepted(new_cs, generation=2))
+    assert views.clustersets[NAME]["upToDate"] is True
+    apply(views, 10_001, T.accepted(T.with_spec(CS, kubernetes_version="1.32"), generation=3))
+    assert views.clustersets[NAME]["upToDate"] is False
+
+
+def test_in_place_update_resources_then_ready_and_a_failed_update() -> None:
+    views, _ = ready_cluster()
+    new_spec = CS.spec.cluster_spec().model_copy(update={"tags": {"team": "serving", "tier": "gold"}})
+    h = new_spec.config_hash()
+    run([
+        ev(m.ClusterUpdateRequested(**common(), generation=2, config_hash=h, spec=new_spec, changes=["tags"]), 60),
+        ev(m.ClusterProvisioningFailed(**common(), operation="update", step="node_pools", code="Throttled",
+                                       message="slow down", retryable=True), 61),
+    ], views, start_seq=100)  # fmt: skip
+    doc = views.clusters["c1"]
+    assert doc["state"] == "FAILED" and doc["failure"]["fromState"] == "UPDATING"
+    apply(views, 110, ev(m.ClusterResourcesUpdated(**common(), generation=2, config_hash=h,
+                                                   resources={"node_pools": {"v": 3}}, changed=["node_pools"]), 62))
+    doc = views.clusters["c1"]
+    assert doc["state"] == "UPDATING" and doc["failure"] is None and doc["resources"]["node_pools"] == {"v": 3}
+    assert doc["lastResourcesUpdate"] == {"generation": 2, "configHash": h, "changed": ["node_pools"],
+                                          "time": "2026-11-21T11:02:00Z"}  # fmt: skip
+    apply(views, 111, ev(m.ClusterReady(**common(), cluster_type="ModelServing", config_hash=h, endpoint="e",
+                                        infra_services=[]), 63))  # fmt: skip
+    doc = views.clusters["c1"]
+    assert doc["state"] == "READY" and doc["configHash"] == h and doc["generation"] == 2
+
+
+def test_set_convergence_update_failure_and_patch() -> None:
+    set_fields: dict[str, Any] = dict(location=LOC, clusterset=NAME)
+    views = run([
+        ACC,
+        ev(m.ClusterSetPatchRequested(**set_fields, fleet_rollout_id="f1", stage="canary",
+                                      patch={"kubernetesVersion": "1.31"}), 1),
+        ev(m.ClusterSetUpdateFailed(**set_fields, generation=2, config_hash="h2", cluster_ids=["c2", "c1"],
+                                    reason="boom", fleet_rollout_id="f1"), 2),
+    ])  # fmt: skip
+    doc = views.clustersets[NAME]
+    assert doc["fleetRollout"] == {"fleetRolloutId": "f1", "stage": "canary", "patch": {"kubernetesVersion": "1.31"},
+                                   "requestedAt": "2026-11-21T10:01:00Z"}  # fmt: skip
+    assert doc["lastUpdateFailure"]["clusterIds"] == ["c1", "c2"] and doc["lastUpdateFailure"]["generation"] == 2
+    run([ev(m.ClusterSetConverged(**set_fields, generation=2, config_hash="h2", count=5), 3),
+         ev(m.ClusterSetConverged(**set_fields, generation=1, config_hash="h1", count=5), 4),
+         ev(m.ClusterSetUpdateFailed(**set_fields, generation=2, config_hash="h2", cluster_ids=[], reason="late"), 5)],
+        views, start_seq=10)  # fmt: skip
+    doc = views.clustersets[NAME]
+    assert doc["convergedGeneration"] == 2 and doc["convergedConfigHash"] == "h2" and doc["lastUpdateFailure"] is None
+    assert doc["convergedAt"] == "2026-11-21T10:03:00Z"
+
+
+# ---------------------------------------------------------------- fleet rollouts
+def fleet_views() -> tuple[Views, list[Envelope]]:
+    events = [*T.fleet_history(CS, ["a1", "a2"]), *T.fleet_history(AZ, ["b1"])]
+    fleet = T.fleet_rollout_history("k131", (CS, ["a1", "a2"]), (AZ, ["b1"]), T.T0 + timedelta(hours=1))
+    return run([*events, *fleet]), fleet
+
+
+def test_a_fleet_rollout_with_a_canary_an_approval_and_a_halt() -> None:
+    views, fleet = fleet_views()
+    doc = views.fleet_rollouts["k131"]
+    assert doc["kind"] == "FleetRollout" and doc["clusterType"] == "ModelServing"
+    assert doc["patch"] == {"kubernetesVersion": "1.31"} and (doc["maxInFlight"], doc["failureBudget"]) == (1, 0)
+    assert doc["state"] == "HALTED" and doc["reason"] == "1 set failed; the failure budget is 0"
+    assert doc["halted"]["reason"] == doc["reason"] and doc["failedSets"] == [AZ.metadata.name]
+    assert (doc["succeeded"], doc["failed"], doc["inFlight"], doc["budgetExceeded"]) == (1, 1, 0, True)
+    assert doc["setCounts"] == {"PENDING": 0, "IN_PROGRESS": 0, "SUCCEEDED": 1, "FAILED": 1}
+    canary, rest = doc["stages"]
+    assert (canary["name"], canary["state"], canary["soakSeconds"]) == ("canary", "COMPLETED", 600)
+    assert canary["soakUntil"] == "2026-11-21T12:00:00Z" and canary["clustersets"] == [NAME]
+    assert (rest["name"], rest["state"], rest["approval"]) == ("rest", "IN_PROGRESS", True)
+    a, b = doc["sets"]
+    assert (a["clusterset"], a["stage"], a["state"], a["updatePath"], a["generation"]) == (
+        NAME, "canary", "SUCCEEDED", "rotation", 2)
+    assert a["rolloutId"] == "k131-a" and a["rollout"]["state"] == "COMPLETED" and a["rollout"]["replaced"] == 2
+    assert a["converged"]["generation"] == 2 and a["errors"] == [] and a["updateFailure"] is None
+    assert (b["clusterset"], b["stage"], b["state"], b["updatePath"]) == (AZ.metadata.name, "rest", "FAILED",
+                                                                          "in-place")  # fmt: skip
+    assert b["reason"] == "control plane upgrade failed" and b["updateFailure"]["clusterIds"] == ["b1"]
+    assert b["rollout"] is None and b["startedAt"] is not None and b["finishedAt"] is not None
+    assert states_of(doc["timeline"]) == ["IN_PROGRESS", "SOAKING", "AWAITING_APPROVAL", "IN_PROGRESS", "HALTED"]
+    # the set rollout it caused knows it, and so do the sets
+    assert views.rollouts["k131-a"]["fleetRolloutId"] == "k131"
+    assert views.clustersets[NAME]["fleetRollout"]["fleetRolloutId"] == "k131"
+    assert views.clustersets[NAME]["lastChange"]["updatePath"] == "rotation"
+    assert views.clusters["b1"]["state"] == "FAILED"
+
+    states, along = [], Views()
+    for i, env in enumerate(fleet):  # the state along the way
+        apply(along, i + 1, env)
+        states.append(along.fleet_rollouts["k131"]["state"])
+    assert states[0] == "IN_PROGRESS" and "SOAKING" in states and "AWAITING_APPROVAL" in states
+
+    # resume clears the halt; abort is final
+    started = fleet[0]
+    resume = new_event(m.FleetRolloutResumed(rollout_id="k131"), source="fleet", cause=started, discriminator="r")
+    abort = new_event(m.FleetRolloutAborted(rollout_id="k131", reason="operator"), source="fleet", cause=started)
+    done = new_event(m.FleetRolloutCompleted(rollout_id="k131", succeeded=1, failed=1), source="fleet", cause=started)
+    run([resume], views, start_seq=50_000)
+    assert views.fleet_rollouts["k131"]["state"] == "IN_PROGRESS" and views.fleet_rollouts["k131"]["halted"] is None
+    assert views.fleet_rollouts["k131"]["reason"] is None
+    run([abort, done], views, start_seq=50_001)
+    doc = views.fleet_rollouts["k131"]
+    assert doc["state"] == "ABORTED" and doc["reason"] == "operator" and doc["endedAt"] is not None
+
+
+def fleet_ev(payload: m.Event, n: int) -> Envelope:
+    return ev(payload, n, source="fleet")
+
+
+def test_fleet_soak_pause_completion_and_facts_before_the_plan() -> None:
+    f: dict[str, Any] = dict(rollout_id="f1")
+    plan = [m.FleetRolloutStagePlan(name="one", clustersets=["s1", "s2"], soak_seconds=60),
+            m.FleetRolloutStagePlan(name="two", clustersets=["s3"])]  # fmt: skip
+    views = run([
+        fleet_ev(m.FleetRolloutStageStarted(**f, stage="one"), 1),  # before the plan (e.g. a partial replay)
+        fleet_ev(m.FleetRolloutSetFinished(**f, stage="one", clusterset="s2", succeeded=True), 2),
+        fleet_ev(m.FleetRolloutStarted(**f, cluster_type="T", patch={"tags": {"a": "b"}}, stages=plan,
+                                       max_in_flight=2, failure_budget=1), 3),
+    ])  # fmt: skip
+    doc = views.fleet_rollouts["f1"]
+    assert [s["name"] for s in doc["stages"]] == ["one", "two"] and doc["stages"][0]["state"] == "IN_PROGRESS"
+    assert [e["clusterset"] for e in doc["sets"]] == ["s1", "s2", "s3"]
+    assert [e["state"] for e in doc["sets"]] == ["PENDING", "SUCCEEDED", "PENDING"]
+    assert doc["state"] == "IN_PROGRESS" and doc["startedAt"] == "2026-11-21T10:03:00Z"
+    run([
+        fleet_ev(m.FleetRolloutSetFinished(**f, stage="one", clusterset="s2", succeeded=False), 4),  # first verdict
+        fleet_ev(m.FleetRolloutSetFinished(**f, stage="one", clusterset="s1", succeeded=False, reason="x"), 5),
+        fleet_ev(m.FleetRolloutStageCompleted(**f, stage="one", soak_until=T.T0 + timedelta(minutes=5)), 6),
+    ], views, start_seq=10)  # fmt: skip
+    doc = views.fleet_rollouts["f1"]
+    assert doc["stages"][0]["state"] == "COMPLETED"  # the soak deadline had passed when the stage completed
+    assert (doc["failed"], doc["budgetExceeded"]) == (1, False)
+    run([fleet_ev(m.FleetRolloutPaused(**f, reason="looking"), 7),
+         fleet_ev(m.FleetRolloutStageCompleted(**f, stage="two", soak_until=T.T0 + timedelta(hours=5)), 8)],
+        views, start_seq=20)  # fmt: skip
+    doc = views.fleet_rollouts["f1"]
+    assert doc["state"] == "PAUSED" and doc["reason"] == "looking" and doc["stages"][1]["state"] == "SOAKING"
+    run([fleet_ev(m.FleetRolloutResumed(**f), 9)], views, start_seq=30)
+    assert views.fleet_rollouts["f1"]["state"] == "SOAKING"
+    run([fleet_ev(m.FleetRolloutCompleted(**f, succeeded=1, failed=1), 10),
+         fleet_ev(m.FleetRolloutPaused(**f, reason="late"), 11)], views, start_seq=40)  # fmt: skip
+    doc = views.fleet_rollouts["f1"]
+    assert doc["state"] == "COMPLETED" and doc["stages"][1]["state"] == "COMPLETED" and doc["reason"] is None
+    assert states_of(doc["timeline"]) == ["IN_PROGRESS", "PAUSED", "SOAKING", "COMPLETED"]
+
+
+def test_a_rejected_fleet_rollout_and_a_refused_patch() -> None:
+    errors = [FieldError(field="patch.count", message="count may not be patched")]
+    views = run([
+        fleet_ev(m.FleetRolloutRejected(rollout_id="bad", errors=errors), 1),
+        ev(m.ClusterSetRejected(clusterset=NAME, errors=errors, fleet_rollout_id="other"), 2),
+    ])  # fmt: skip
+    assert views.fleet_rollouts["bad"]["state"] == "REJECTED"
+    assert views.fleet_rollouts["bad"]["errors"] == [{"field": "patch.count", "message": "count may not be patched"}]
+    assert views.fleet_rollouts["other"]["sets"][0]["errors"][0]["field"] == "patch.count"
+    assert views.clustersets[NAME]["lastRejection"]["errors"][0]["field"] == "patch.count"
+
+
+def test_rollout_index_members_sort_by_id_across_kinds() -> None:
+    from services.status_projector import rollouts as ro
+
+    members = sorted([ro.member(ro.KIND_FLEET, "abc"), ro.member(ro.KIND_SET, "abc-x"), ro.member(ro.KIND_SET, "ab")])
+    assert [ro.split_member(x) for x in members] == [(ro.KIND_SET, "ab"), (ro.KIND_FLEET, "abc"),
+                                                      (ro.KIND_SET, "abc-x")]  # fmt: skip
+    views, _ = fleet_views()
+    assert ro.index_entries(views.fleet_rollouts["k131"]) == {
+        ("kind", "FleetRollout"), ("state", "HALTED"), ("clusterset", NAME), ("clusterset", AZ.metadata.name)}
+    assert ro.index_entries(views.rollouts["k131-a"]) == {("kind", "ClusterSetRollout"), ("state", "COMPLETED"),
+                                                          ("clusterset", NAME)}  # fmt: skip
+    listed = render.rollout_listing(views.fleet_rollouts["k131"])
+    assert "sets" not in listed and "timeline" not in listed and listed["setCounts"]["FAILED"] == 1
 
 
 # ---------------------------------------------------------------- repeats, unknowns
@@ -401,9 +665,19 @@ def _rich_views() -> Views:
         ev(m.ClusterDrainRequested(**common("c3"), rollout_id="r1"), 3),
         ev(m.ControlPlaneUpgradeRequested(**common("c3"), operation_id="op", to_version="1.31"), 4),
         ev(m.ClusterSetRejected(clusterset="other", errors=[FieldError(field="a", message="b")]), 5),
-        ev(m.RolloutRequested(location=LOC, clusterset=NAME, rollout_id="r1", generation=2, from_config_hashes=["a"],
-                              to_config_hash="h2", spec=spec, update_strategy=CS.spec.update_strategy), 6),
+        rollout_requested("r1", 6, to_config_hash="h2"),
+        ev(m.RolloutWaiting(location=LOC, clusterset=NAME, rollout_id="r1", reason="window",
+                            until=T.T0 + timedelta(hours=3)), 7),
+        ev(m.ClusterSetUpdateFailed(location=LOC, clusterset=NAME, generation=2, config_hash="h2", cluster_ids=["c1"],
+                                    reason="x"), 8),
+        ev(m.ClusterResourcesUpdated(**common("c1"), generation=2, config_hash="h2", resources={}), 9),
+        ev(m.ClusterDrained(**common("c3"), rollout_id="r1", timed_out=True, remaining=3), 10),
     ], views, start_seq=1000)  # fmt: skip
+    fleet, _ = fleet_views()
+    views.fleet_rollouts.update(fleet.fleet_rollouts)
+    views.rollouts.update(fleet.rollouts)
+    for name in (NAME, AZ.metadata.name):  # sets touched by a fleet rollout and converged
+        views.clustersets[f"{name}-fleet"] = {**fleet.clustersets[name], "name": f"{name}-fleet"}
     return views
 
 
@@ -422,6 +696,10 @@ def test_rendered_documents_match_the_published_schemas() -> None:
     for entries in views.history.values():
         for entry in entries:
             schemas.HistoryEntry.model_validate(entry)
+    assert views.rollouts and views.fleet_rollouts
+    for doc in [*views.rollouts.values(), *views.fleet_rollouts.values()]:
+        schemas.RolloutDetail.model_validate(doc)
+        schemas.RolloutPage.model_validate({"items": [render.rollout_listing(doc)], "next": None})
 
 
 def test_index_entries() -> None:
@@ -478,8 +756,20 @@ def _pool() -> list[Envelope]:
         ev(m.RolloutStarted(location=LOC, clusterset=NAME, rollout_id="r", to_config_hash="h2"), 8),
         ev(m.ControlPlaneUpgradeRequested(**common("c2"), operation_id="o", to_version="1.31"), 9),
         T.accepted(CS, generation=2, event_id="acc2"),
-    ]
-    return [*T.fleet_history(CS, ["c1", "c2"], retired=["c2"]), *extra]
+        ev(m.ClusterResourcesUpdated(**common("c1"), generation=2, config_hash="h2", resources={"x": {}}), 10),
+        ev(m.RolloutPaused(location=LOC, clusterset=NAME, rollout_id="r", reason="p", cluster_ids=["n1"]), 11),
+        ev(m.RolloutResumed(location=LOC, clusterset=NAME, rollout_id="r"), 12),
+        ev(m.ClusterSetUpdateFailed(location=LOC, clusterset=NAME, generation=2, config_hash="h2", cluster_ids=[],
+                                    reason="x", fleet_rollout_id="k131"), 13),
+    ]  # fmt: skip
+    new_cs = T.with_spec(CS, kubernetes_version="1.31")
+    # A rotation (with surge clusters and retirements) and a fleet rollout's facts, trimmed to keep examples small.
+    rotation = T.rotation(CS, new_cs, ACC, "r", ["c1"], ["n1"], T.T0 + timedelta(hours=1), fleet_rollout_id="k131")
+    rotation = [e for e in rotation if e.type not in ("ClusterResourceProvisioned", "InfraServiceInstalled",
+                                                      "ClusterResourceDeprovisioned")]  # fmt: skip
+    fleet = T.fleet_rollout_history("k131", (CS, ["c1"]), (AZ, ["b1"]), T.T0 + timedelta(hours=2))
+    fleet = [e for e in fleet if e.type.startswith("FleetRollout") or e.type.startswith("ClusterSet")]
+    return [*T.fleet_history(CS, ["c1", "c2"], retired=["c2"]), *extra, *rotation, *fleet]
 
 
 POOL = _pool()
@@ -502,6 +792,39 @@ def test_applying_an_event_again_changes_nothing(order: list[int], repeats: list
     assert twice.dump() == once.dump()
 
 
+def _documents(views: Views) -> dict[str, dict[str, dict[str, Any]]]:
+    """The documents of a Views by their Redis key prefix."""
+    return {"cluster": views.clusters, "clusterset": views.clustersets, "rollout": views.rollouts,
+            "fleetrollout": views.fleet_rollouts}  # fmt: skip
+
+
+def load_touched(views: Views, touch: core.Touch, stored: dict[str, str]) -> None:
+    """What the projector does before a batch: load every stored document the event names."""
+    docs = _documents(views)
+    for prefix, key in (("cluster", touch.cluster), ("clusterset", touch.clusterset), ("rollout", touch.rollout),
+                        ("fleetrollout", touch.fleet_rollout)):  # fmt: skip
+        if key and f"{prefix}:{key}" in stored:
+            docs[prefix][key] = json.loads(stored[f"{prefix}:{key}"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order=indices)
+def test_touched_names_every_document_an_event_changes(order: list[int]) -> None:
+    """The projector loads only what `touched` names: a document changed but not named would be lost."""
+    views = Views()
+    for seq, i in enumerate(order, 1):
+        env = POOL[i]
+        before = {p: {k: core.canonical(v) for k, v in d.items()} for p, d in _documents(views).items()}
+        apply(views, seq, env)
+        touch = core.touched(env)
+        named = {("cluster", touch.cluster), ("clusterset", touch.clusterset), ("rollout", touch.rollout),
+                 ("fleetrollout", touch.fleet_rollout)}  # fmt: skip
+        for prefix, docs in _documents(views).items():
+            for key, doc in docs.items():
+                if before[prefix].get(key) != core.canonical(doc):
+                    assert (prefix, key) in named, (env.type, prefix, key)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(order=indices, cuts=st.lists(st.integers(min_value=1, max_value=59), max_size=8))
 def test_replay_in_batches_through_json_equals_one_pass(order: list[int], cuts: list[int]) -> None:
@@ -519,17 +842,13 @@ def test_replay_in_batches_through_json_equals_one_pass(order: list[int], cuts: 
         batch = events[lo:hi]
         views = Views()
         for _, env in batch:
-            cid, name = core.touched(env)
-            if cid and f"cluster:{cid}" in stored:
-                views.clusters[cid] = json.loads(stored[f"cluster:{cid}"])
-            elif not cid and name and f"clusterset:{name}" in stored:
-                views.clustersets[name] = json.loads(stored[f"clusterset:{name}"])
+            load_touched(views, core.touched(env), stored)
             if env.id in applied:
                 views.applied[env.id] = applied[env.id]
         for seq, env in batch:
             apply(views, seq, env)
-        stored.update({f"cluster:{k}": core.canonical(v) for k, v in views.clusters.items()})
-        stored.update({f"clusterset:{k}": core.canonical(v) for k, v in views.clustersets.items()})
+        for prefix, docs in _documents(views).items():
+            stored.update({f"{prefix}:{k}": core.canonical(v) for k, v in docs.items()})
         for key, entries in views.history.items():
             history.setdefault(key, []).extend(core.canonical(e) for e in entries)
         applied.update(views.applied)
@@ -560,7 +879,20 @@ def test_state_invariants(order: list[int]) -> None:
             if doc["state"] == "DELETED":
                 deleted.add(cid)
             assert [c["type"] for c in doc["conditions"]][0] == "Ready"
+        for doc in views.rollouts.values():
+            assert doc["state"] in schemas.SetRolloutStateName.__args__  # type: ignore[attr-defined]
+        for doc in views.fleet_rollouts.values():
+            assert doc["state"] in schemas.FleetRolloutStateName.__args__  # type: ignore[attr-defined]
+            assert doc["failed"] + doc["succeeded"] + doc["inFlight"] <= len(doc["sets"])
 
 
 def test_published_state_enum_is_the_state_machine() -> None:
+    from services.status_projector import rollouts as ro
+
     assert schemas.ClusterStateName.__args__ == core.CLUSTER_STATES  # type: ignore[attr-defined]
+    assert schemas.SetRolloutStateName.__args__ == ro.SET_ROLLOUT_STATES  # type: ignore[attr-defined]
+    assert schemas.FleetRolloutStateName.__args__ == ro.FLEET_ROLLOUT_STATES  # type: ignore[attr-defined]
+    assert set(schemas.RolloutStateName.__args__) == set(ro.ALL_ROLLOUT_STATES)  # type: ignore[attr-defined]
+    assert schemas.StageStateName.__args__ == ro.STAGE_STATES  # type: ignore[attr-defined]
+    assert schemas.SetEntryStateName.__args__ == ro.SET_ENTRY_STATES  # type: ignore[attr-defined]
+    assert set(schemas.RolloutKindName.__args__) == set(ro.KINDS)  # type: ignore[attr-defined]

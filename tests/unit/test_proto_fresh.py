@@ -12,7 +12,13 @@ import yaml
 from shared import contracts
 from shared.events import EVENT_TYPES, Envelope, new_event, subjects, validate_clusterset
 from shared.events.clusterset import FieldError
-from shared.events.models import ClusterReady, ClusterSetAccepted, ClusterSetApplied, ClusterSetRejected
+from shared.events.models import (
+    ClusterReady,
+    ClusterSetAccepted,
+    ClusterSetApplied,
+    ClusterSetRejected,
+    FleetRolloutEvent,
+)
 from tests.conftest import example_documents
 
 PROTO = contracts.PROTO_DIR
@@ -68,7 +74,9 @@ def test_subject_patterns_are_the_documented_grammar() -> None:
     for name, cls in EVENT_TYPES.items():
         if cls.stream == subjects.STREAM_FLEET:
             address = contracts.subject_pattern(cls).address
-            assert address == f"fleet.{subjects.snake(name)}.{{cloud}}.{{region}}.{{aggregate}}", name
+            # Fleet-wide rollouts span locations: their cloud and region tokens are the empty token `_`.
+            where = "_._" if issubclass(cls, FleetRolloutEvent) else "{cloud}.{region}"
+            assert address == f"fleet.{subjects.snake(name)}.{where}.{{aggregate}}", name
             # Streams must capture every channel, or a publish would fail with no responders.
             assert any(_pattern_regex(f).match(address.replace("{", "").replace("}", ""))
                        for f in subjects.STREAM_SUBJECTS[cls.stream])  # fmt: skip

@@ -19,23 +19,29 @@ from services.cloud_provisioner.core import (
     EmitProvisioned,
     Ensure,
     ProvisionerState,
+    Update,
 )
 from services.cloud_provisioner.providers import ProviderRegistry
 from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
+    NotInPlaceError,
     QuotaExceededError,
     ThrottlingError,
+    Updated,
     cloud_error,
 )
-from shared.events import Envelope, new_event
+from shared.events import ClusterSpec, Envelope, new_event
 from shared.events.models import (
     PROVISION_STEPS,
     ClusterDeprovisioned,
     ClusterProvisioned,
     ClusterProvisioningFailed,
+    ClusterRequested,
     ClusterResourceDeprovisioned,
     ClusterResourceProvisioned,
+    ClusterResourcesUpdated,
+    ClusterUpdateRequested,
     Event,
     NetworkInfo,
     ProvisionStep,
@@ -56,10 +62,38 @@ def env(payload: Event, cause: Envelope | None = None, discriminator: str = "") 
     return new_event(payload, source="test", cause=cause, discriminator=discriminator)
 
 
+def changed_spec(spec: ClusterSpec, tags: dict[str, str] | None = None, **pool_changes: Any) -> ClusterSpec:
+    """`spec` with new `tags` and/or its first node pool's fields changed (camelCase, e.g. maxCount=6)."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["nodePools"][0].update(pool_changes)
+    if tags is not None:
+        data["tags"] = tags
+    return ClusterSpec.model_validate(data, strict=False)
+
+
+def with_pool(spec: ClusterSpec, name: str) -> ClusterSpec:
+    """`spec` with one more node pool (a copy of the first, named `name`): a change only a rotation makes."""
+    data = spec.model_dump(mode="json", by_alias=True)
+    data["nodePools"].append({**data["nodePools"][0], "name": name})
+    return ClusterSpec.model_validate(data, strict=False)
+
+
+def update_requested(req: ClusterRequested, generation: int, spec: ClusterSpec | None = None,
+                     tags: dict[str, str] | None = None, **pool_changes: Any) -> ClusterUpdateRequested:  # fmt: skip
+    """The planner's in-place update of the cluster `req` asked for (`spec`, else req's with these changes)."""
+    new = spec or changed_spec(req.spec, tags, **pool_changes)
+    changes = [f"nodePools[{new.node_pools[0].name}].{k}" for k in pool_changes] + (["tags"] if tags else [])
+    return ClusterUpdateRequested(cluster_id=req.cluster_id, clusterset=req.clusterset, location=req.location,
+                                  generation=generation, config_hash=new.config_hash(), spec=new,
+                                  changes=changes)  # fmt: skip
+
+
 # ---------------------------------------------------------------- pure decider loop
-def drive(state: ProvisionerState | None, inputs: list[Envelope], fail: dict[ProvisionStep, str] | None = None
+def drive(state: ProvisionerState | None, inputs: list[Envelope], fail: dict[str, str] | None = None
           ) -> tuple[ProvisionerState | None, list[core.Action], list[Envelope]]:  # fmt: skip
-    """One action per handled message, the resulting event fed back in: the service loop without I/O."""
+    """One action per handled message, the resulting event fed back in: the service loop without I/O.
+
+    `fail`: step (or "update") → the code its action fails with, terminally."""
     actions: list[core.Action] = []
     emitted: list[Envelope] = []
     queue = list(inputs)
@@ -87,6 +121,11 @@ def drive(state: ProvisionerState | None, inputs: list[Envelope], fail: dict[Pro
             payload = core.resource_deprovisioned(state, action.step)
         elif isinstance(action, EmitProvisioned):
             payload = core.provisioned(state)
+        elif isinstance(action, Update):
+            if "update" in fail:
+                payload = core.failed(state, action, fail["update"], "boom", retryable=False, step="node_pools")
+            else:
+                payload = core.resources_updated(state, state.resources, ["node_pools"])
         else:
             payload = core.deprovisioned(state)
         out = env(payload, cause=incoming, discriminator=str(step))
@@ -277,6 +316,15 @@ def _random_history(name: str, picks: list[int]) -> list[Envelope]:
                                           message="m", retryable=False))  # fmt: skip
     pool.append(ClusterProvisioningFailed(**base, operation="deprovision", step="iam", code="AccessDenied",
                                           message="m", retryable=False))  # fmt: skip
+    # In-place updates: two generations, their reports, and a failed update.
+    for generation, max_count in ((2, 6), (3, 9)):
+        update = update_requested(req, generation, maxCount=max_count)
+        pool.append(update)
+        pool.append(ClusterResourcesUpdated(**base, generation=generation, config_hash=update.config_hash,
+                                            resources={"node_pools": {"id": f"np-{generation}"}},
+                                            changed=["node_pools"]))  # fmt: skip
+    pool.append(ClusterProvisioningFailed(**base, operation="update", step="node_pools", code="NotInPlace",
+                                          message="m", retryable=False))  # fmt: skip
     envelopes = [env(p, discriminator=str(i)) for i, p in enumerate(pool)]
     return [envelopes[i % len(envelopes)] for i in picks]
 
@@ -335,6 +383,21 @@ class FakeCloud:
         self.deletes.append((step, resources, ctx.spec is not None))
         self._fault("delete", step)
         self.live.pop((ctx.cluster_id, step), None)
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        """Converges node pools to the spec in place (the config hash stands for what they look like)."""
+        self.calls.append(("update", step))
+        self._fault("update", step)
+        key = (ctx.cluster_id, step)
+        if key not in self.live:
+            raise NotInPlaceError(f"{step} does not exist")
+        if step != "node_pools":
+            return Updated(dict(self.live[key]), False)
+        assert ctx.spec is not None
+        want = ctx.spec.config_hash()
+        changed = self.live[key].get("spec") != want
+        self.live[key] = {**self.live[key], "spec": want}
+        return Updated(dict(self.live[key]), changed)
 
 
 class Runtime:
@@ -539,3 +602,192 @@ def test_every_step_maps_to_one_action(step: ProvisionStep) -> None:
         assert state is not None
         state = core.evolve(state, env(core.resource_provisioned(state, done, fake_resources(done, "c")), None, done))
     assert core.next_action(state) == Ensure(step)
+
+
+# ---------------------------------------------------------------- in-place updates (pure)
+def provisioned_state(name: str = PLAIN) -> tuple[ClusterRequested, ProvisionerState]:
+    req = cluster_requested(name)
+    state, _, _ = drive(None, [env(req)])
+    assert state is not None and state.provisioned
+    return req, state
+
+
+def test_an_update_of_a_provisioned_cluster_converges_in_place_and_reports_its_generation() -> None:
+    req, state = provisioned_state()
+    assert (state.generation, state.config_hash) == (1, req.config_hash)
+    update = update_requested(req, 2, maxCount=6, labels={"tier": "gold"})
+    after, actions, emitted = drive(state, [env(update)])
+    assert actions == [Update(2)]  # nothing created: no Ensure
+    assert [e.type for e in emitted] == ["ClusterResourcesUpdated"]
+    report = ClusterResourcesUpdated.model_validate(emitted[0].data)
+    assert (report.generation, report.config_hash, report.changed) == (2, update.config_hash, ["node_pools"])
+    assert set(report.resources) == set(PROVISION_STEPS)
+    assert after is not None and after.spec == update.spec and after.generation == 2
+    assert after.pending_update is None and core.next_action(after) is None
+
+
+def test_an_older_or_repeated_update_is_ignored() -> None:
+    req, provisioned = provisioned_state()
+    update = update_requested(req, 2, maxCount=6)
+    state, _, _ = drive(provisioned, [env(update)])
+    for again in (env(update), env(update_requested(req, 1, maxCount=4)), env(update_requested(req, 2, maxCount=5))):
+        after = core.evolve(state, again)
+        assert after == state and not core.should_act(state, after, again)
+
+
+def test_an_update_while_provisioning_is_used_by_the_remaining_steps_then_applied_once_provisioned() -> None:
+    req = cluster_requested(PLAIN)
+    first = env(req)
+    state = core.evolve(None, first)
+    step: ProvisionStep
+    for step in ("network", "iam"):
+        assert state is not None
+        state = core.evolve(state, env(core.resource_provisioned(state, step, fake_resources(step, req.cluster_id)),
+                                       first, step))  # fmt: skip
+    update = update_requested(req, 2, maxCount=7)
+    later = update_requested(req, 3, maxCount=8)  # a newer one supersedes it before the cluster is done
+    state, actions, emitted = drive(state, [env(update), env(later)])
+    assert actions == [Ensure("cluster"), Ensure("node_pools"), Ensure("log_stream"), EmitProvisioned(), Update(3)]
+    assert state is not None and state.spec == later.spec and state.pending_update is None
+    reports = [ClusterResourcesUpdated.model_validate(e.data) for e in emitted if e.type == "ClusterResourcesUpdated"]
+    assert [(r.generation, r.config_hash) for r in reports] == [(3, later.config_hash)]
+
+
+def test_a_retired_or_unknown_cluster_ignores_updates() -> None:
+    req, state = provisioned_state()
+    retired, _, _ = drive(state, [env(retirement_requested(req))])
+    update = env(update_requested(req, 2, maxCount=6))
+    assert core.evolve(retired, update) == retired
+    assert core.evolve(None, update) is None
+    # A report that arrives after the retirement brings nothing back.
+    assert retired is not None
+    late = ClusterResourcesUpdated(cluster_id=req.cluster_id, clusterset=req.clusterset, location=req.location,
+                                   generation=2, config_hash="x", resources={"node_pools": {"id": "np"}})  # fmt: skip
+    assert core.evolve(retired, env(late)) == retired
+
+
+def test_a_retirement_wins_over_a_pending_update() -> None:
+    req, state = provisioned_state()
+    pending = core.evolve(state, env(update_requested(req, 2, maxCount=6)))
+    assert pending is not None and core.next_action(pending) == Update(2)
+    gone, actions, _ = drive(pending, [env(retirement_requested(req))])
+    assert not any(isinstance(a, Update) for a in actions) and actions[-1] == EmitDeprovisioned()
+    assert gone is not None and gone.deprovisioned
+
+
+def test_a_failed_update_stops_then_the_same_update_asked_again_or_a_newer_one_retries() -> None:
+    req, state = provisioned_state()
+    update = update_requested(req, 2, maxCount=6)
+    original = env(update)
+    failed_state, actions, emitted = drive(state, [original], fail={"update": "NotInPlace"})
+    assert actions == [Update(2)]
+    failure = ClusterProvisioningFailed.model_validate(emitted[-1].data)
+    assert (failure.operation, failure.step, failure.code, failure.retryable) == ("update", "node_pools",
+                                                                                "NotInPlace", False)  # fmt: skip
+    assert failed_state is not None and failed_state.pending_update is not None
+    assert core.next_action(failed_state) is None
+    assert drive(failed_state, [original])[1] == []  # a replay of the update that failed does not retry
+    retried, actions, _ = drive(failed_state, [env(update)])  # asked again, after the failure: retried
+    assert actions == [Update(2)] and retried is not None and retried.pending_update is None
+    newer, actions, _ = drive(failed_state, [env(update_requested(req, 3, maxCount=9))])
+    assert actions == [Update(3)] and newer is not None and newer.failure is None
+
+
+def test_an_update_does_not_clear_a_provisioning_failure() -> None:
+    req = cluster_requested(PLAIN)
+    state, _, _ = drive(None, [env(req)], fail={"cluster": "QuotaExceeded"})
+    update = update_requested(req, 2, maxCount=6)
+    after, actions, _ = drive(state, [env(update)])
+    assert actions == [] and after is not None and after.failure is not None and after.spec == update.spec
+    # The planner asking for the cluster again retries provisioning, with the new spec, then the update runs.
+    _, actions, _ = drive(after, [env(req)])
+    assert actions == [Ensure("cluster"), Ensure("node_pools"), Ensure("log_stream"), EmitProvisioned(), Update(2)]
+
+
+# ---------------------------------------------------------------- in-place updates through the handler
+async def test_handler_updates_in_place_creating_nothing_and_a_replay_does_nothing() -> None:
+    cloud = FakeCloud()
+    rt = Runtime(Provisioner(registry(cloud)))
+    req = cluster_requested(PLAIN)
+    await rt.run([env(req)])
+    creates = Counter(cloud.creates)
+    update = update_requested(req, 2, maxCount=6, labels={"tier": "gold"})
+    await rt.run([env(update)])
+    reports = [e for e in rt.published if e.type == "ClusterResourcesUpdated"]
+    assert len(reports) == 1 and reports[0].data["changed"] == ["node_pools"]
+    assert cloud.creates == creates and cloud.live[(req.cluster_id, "node_pools")]["spec"] == update.config_hash
+    assert [c for c in cloud.calls if c[0] == "update"] == [("update", s) for s in PROVISION_STEPS]
+    published = list(rt.published)
+    rt.ledger.clear()  # replay without the ledger: the state guards alone
+    await rt.run(list(rt.log[req.cluster_id]))
+    assert rt.published == published and cloud.creates == creates
+    assert core.replay(rt.log[req.cluster_id]) == rt.states[req.cluster_id]
+
+
+async def test_handler_terminal_update_error_names_the_step_and_exhaustion_is_retryable() -> None:
+    cloud = FakeCloud({("update", "node_pools"): [NotInPlaceError("pool gpu does not exist")]})
+    rt = Runtime(Provisioner(registry(cloud)), max_deliver=3)
+    req = cluster_requested(PLAIN)
+    await rt.run([env(req), env(update_requested(req, 2, maxCount=6))])
+    failure = ClusterProvisioningFailed.model_validate(rt.published[-1].data)
+    assert (failure.operation, failure.step, failure.code, failure.retryable) == ("update", "node_pools",
+                                                                                "NotInPlace", False)  # fmt: skip
+    cloud.faults[("update", "node_pools")] = [ThrottlingError("Throttling", "slow down") for _ in range(10)]
+    await rt.run([env(update_requested(req, 3, maxCount=7))])
+    failure = ClusterProvisioningFailed.model_validate(rt.published[-1].data)
+    assert (failure.operation, failure.code, failure.retryable) == ("update", "Throttling", True)
+    cloud.faults.clear()
+    await rt.run([env(update_requested(req, 3, maxCount=7))])  # asked again: retried, and done
+    assert rt.published[-1].type == "ClusterResourcesUpdated" and rt.published[-1].data["generation"] == 3
+
+
+@given(
+    retire_at=st.one_of(st.none(), st.integers(0, 12)),
+    updates=st.lists(st.tuples(st.integers(1, 12), st.integers(2, 4)), max_size=4),
+    throttles=st.dictionaries(st.sampled_from(PROVISION_STEPS), st.integers(0, 2)),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+async def test_random_runs_with_updates_converge_to_the_newest_generation(
+        retire_at: int | None, updates: list[tuple[int, int]], throttles: dict[ProvisionStep, int], seed: int
+) -> None:  # fmt: skip
+    """Requests, updates (any generation, repeated, in any order) and a retirement, with throttling: nothing is
+    created twice, no event id twice, at most one report per generation, and the cloud ends on the newest spec.
+
+    The request is committed first (message 0, its network step not throttled): the planner only updates
+    clusters it has seen provisioned, and an update of a cluster with no record is ignored."""
+    faults: dict[tuple[str, ProvisionStep], list[CloudError]] = {}
+    for op in ("ensure", "update", "delete"):
+        faults.update({(op, s): [ThrottlingError("Throttling", "x") for _ in range(n)] for s, n in throttles.items()
+                       if (op, s) != ("ensure", "network")})  # fmt: skip
+    cloud = FakeCloud(faults)
+    rt = Runtime(Provisioner(registry(cloud)), max_deliver=10)
+    req = cluster_requested(PLAIN)
+    specs = {g: update_requested(req, g, maxCount=3 + g) for g in (2, 3, 4)}
+    inject: dict[int, Envelope] = {}
+    for at, generation in updates:
+        while at in inject:
+            at += 1
+        inject[at] = env(specs[generation])
+    if retire_at is not None:
+        while retire_at in inject:
+            retire_at += 1
+        inject[retire_at] = env(retirement_requested(req))
+    await rt.run([env(req)], order=random.Random(seed), inject=inject)
+
+    cid = req.cluster_id
+    state = rt.states[cid]
+    assert len({e.id for e in rt.published}) == len(rt.published), "an event id was emitted twice"
+    assert all(n == 1 for n in cloud.creates.values()), "a resource was created twice"
+    reports = Counter(e.data["generation"] for e in rt.published if e.type == "ClusterResourcesUpdated")
+    assert all(n == 1 for n in reports.values()), reports
+    assert core.replay(rt.log[cid]) == state
+    if retire_at is not None:
+        assert cloud.live == {} and core.remaining_steps(state) == []
+        return
+    newest = max((g for _, g in updates), default=1)
+    assert state.generation == newest and state.pending_update is None
+    assert state.spec == (specs[newest].spec if newest > 1 else req.spec)
+    if updates:
+        assert max(reports) == newest
+        assert cloud.live[(cid, "node_pools")]["spec"] == specs[newest].config_hash

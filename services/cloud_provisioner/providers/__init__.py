@@ -11,10 +11,12 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     CloudProvider,
     ClusterContext,
+    NotInPlaceError,
     ResourceNotFoundError,
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
+    Updated,
     cloud_error,
 )
 from services.cloud_provisioner.providers.sim import SimProvider
@@ -60,7 +62,7 @@ def build_registry(settings: Settings, redis: Redis) -> ProviderRegistry:
 
 
 __all__ = [
-    "REAL_DRIVERS", "CloudError", "CloudProvider", "ClusterContext", "ProviderRegistry", "ResourceNotFoundError",
-    "SimCloud", "SimProvider", "TerminalCloudError", "ThrottlingError", "TransientCloudError", "build_registry",
-    "cloud_error",
+    "REAL_DRIVERS", "CloudError", "CloudProvider", "ClusterContext", "NotInPlaceError", "ProviderRegistry",
+    "ResourceNotFoundError", "SimCloud", "SimProvider", "TerminalCloudError", "ThrottlingError", "TransientCloudError",
+    "Updated", "build_registry", "cloud_error",
 ]  # fmt: skip

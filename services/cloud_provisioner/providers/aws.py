@@ -9,6 +9,10 @@ change in place and creates only what is missing (with the API's client request 
 - cluster    EKS cluster: version, endpoint access, control-plane logging  (aws_eks.py)
 - node_pools one managed node group per pool: SPOT, labels, taints, scaling  (aws_eks.py)
 - log_stream a Kinesis data stream (on-demand)
+In-place updates (`update`): the node groups' scaling, labels and taints (UpdateNodegroupConfig) and the
+EKS cluster's tags (TagResource / UntagResource). A missing node group, or one whose instance types or
+capacity type differ, is NotInPlace (a rotation's job). Tags of the network, IAM roles, stream and node
+groups stay as created (moto cannot tag node groups after the fact, so that part is untested and left out).
 Deletes run in reverse (the core orders them); "not found" is done; nothing without our tag is
 ever deleted. A bring-your-own network is adopted by the core and never reaches `delete`.
 
@@ -44,7 +48,9 @@ from services.cloud_provisioner.providers.base import (
     ClusterContext,
     ResourceNotFoundError,
     TransientCloudError,
+    Updated,
     managed_spec,
+    unchanged,
 )
 from shared.config import Settings
 from shared.events import ClusterSpec
@@ -110,6 +116,15 @@ class AwsProvider:
             case "log_stream":
                 return await self._ensure_log_stream(ctx)
         raise ValueError(f"unknown step {step!r}")
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        spec = _spec(ctx)
+        match step:
+            case "cluster":
+                return await self.eks.update_cluster_tags(ctx)
+            case "node_pools":
+                return await self.eks.update_node_pools(ctx, spec)
+        return unchanged(step, ctx)
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         if resources is not None and resources.get("owned") is False:

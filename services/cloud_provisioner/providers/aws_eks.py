@@ -22,8 +22,10 @@ from services.cloud_provisioner.providers.aws_mapping import (
     cluster_request,
     cluster_updates,
     credential_ref,
+    nodegroup_fixed_changes,
     nodegroup_request,
     nodegroup_update,
+    tag_changes,
     tag_dict,
 )
 from services.cloud_provisioner.providers.base import (
@@ -31,9 +33,11 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
     InvalidInstanceTypeError,
+    NotInPlaceError,
     ResourceNotFoundError,
     TerminalCloudError,
     TransientCloudError,
+    Updated,
 )
 from services.cloud_provisioner.providers.base import gather_calls as gather
 from shared.events import ClusterSpec
@@ -141,6 +145,30 @@ class AwsEks:
             log.info("converging EKS cluster %s: %s", name, sorted(update), extra={"cluster_id": cid})
             await self.api.call("eks", region, "update_cluster_config", name=name, **update)
             cluster = await self._cluster_active(region, name)
+        return self._cluster_report(cluster, region, name)
+
+    async def update_cluster_tags(self, ctx: ClusterContext) -> Updated:
+        """In-place update of the cluster: its tags (TagResource / UntagResource). The rest of what the spec says
+        about the cluster is either converged by `ensure_cluster` or a rotation (the version)."""
+        region, cid = ctx.location.region, ctx.cluster_id
+        name = AwsNames(cid).cluster
+        cluster = await self._describe_cluster(region, name)
+        if cluster is None:
+            raise NotInPlaceError(f"EKS cluster {name} does not exist: an update does not create it")
+        check_ours(f"EKS cluster {name}", tag_dict(cluster.get("tags")), cid)
+        cluster = await self._cluster_active(region, name)
+        add, remove = tag_changes(tag_dict(cluster.get("tags")), ctx.tags("cluster"))
+        if add:
+            await self.api.call("eks", region, "tag_resource", resourceArn=cluster["arn"], tags=add)
+        if remove:
+            await self.api.call("eks", region, "untag_resource", resourceArn=cluster["arn"], tagKeys=remove)
+        if add or remove:
+            log.info("EKS cluster %s tags: set %s, removed %s", name, sorted(add), remove, extra={"cluster_id": cid})
+            cluster = await self._cluster_active(region, name)
+        return Updated(self._cluster_report(cluster, region, name), bool(add or remove))
+
+    @staticmethod
+    def _cluster_report(cluster: dict[str, Any], region: str, name: str) -> dict[str, Any]:
         vpc = cluster.get("resourcesVpcConfig", {})
         return {
             "resource_id": cluster["arn"],
@@ -249,14 +277,38 @@ class AwsEks:
                 "node group", self.api.call("eks", region, "delete_nodegroup", clusterName=cluster, nodegroupName=name)
             )
             raise
-        update = nodegroup_update(pool, ng)
-        if update:
-            log.info("converging node group %s/%s: %s", cluster, name, update, extra={"cluster_id": cid})
-            await self.api.call(
-                "eks", region, "update_nodegroup_config", clusterName=cluster, nodegroupName=name, **update
-            )
-            ng = await self._nodegroup_settled(region, cluster, name)
+        ng, _ = await self._converge_nodegroup(ctx, pool, cluster, ng)
         return ng
+
+    async def _converge_nodegroup(self, ctx: ClusterContext, pool: NodePool, cluster: str, ng: dict[str, Any]
+                                  ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """Scaling, labels and taints changed in place where they differ; True if a change was made."""
+        region, name = ctx.location.region, AwsNames.nodegroup(pool.name)
+        update = nodegroup_update(pool, ng)
+        if not update:
+            return ng, False
+        log.info("converging node group %s/%s: %s", cluster, name, update, extra={"cluster_id": ctx.cluster_id})
+        await self.api.call("eks", region, "update_nodegroup_config", clusterName=cluster, nodegroupName=name, **update)
+        return await self._nodegroup_settled(region, cluster, name), True
+
+    async def _update_nodegroup(self, ctx: ClusterContext, pool: NodePool, cluster: str) -> tuple[dict[str, Any], bool]:
+        region, name = ctx.location.region, AwsNames.nodegroup(pool.name)
+        ng = await self._describe_nodegroup(region, cluster, name)
+        if ng is None:
+            raise NotInPlaceError(f"node group {cluster}/{name} does not exist: adding a pool takes a rotation")
+        check_ours(f"node group {cluster}/{name}", tag_dict(ng.get("tags")), ctx.cluster_id)
+        ng = await self._nodegroup_settled(region, cluster, name)
+        fixed = nodegroup_fixed_changes(pool, ng)
+        if fixed:
+            raise NotInPlaceError(f"node group {cluster}/{name}: {', '.join(fixed)} cannot change in place "
+                                  "(a rotation can)")  # fmt: skip
+        return await self._converge_nodegroup(ctx, pool, cluster, ng)
+
+    async def update_node_pools(self, ctx: ClusterContext, spec: ClusterSpec) -> Updated:
+        """In-place update: every pool of the spec converged on its existing node group; none is created."""
+        cluster = str(needs(ctx, "cluster", "name"))
+        results = await gather([self._update_nodegroup(ctx, pool, cluster) for pool in spec.node_pools])
+        return Updated(self._pools_report(cluster, spec, [ng for ng, _ in results]), any(c for _, c in results))
 
     async def ensure_node_pools(self, ctx: ClusterContext, spec: ClusterSpec) -> dict[str, Any]:
         cluster = str(needs(ctx, "cluster", "name"))
@@ -265,6 +317,10 @@ class AwsEks:
         groups = await gather(
             [self._ensure_nodegroup(ctx, spec, pool, cluster, role, subnets) for pool in spec.node_pools]
         )
+        return self._pools_report(cluster, spec, groups)
+
+    @staticmethod
+    def _pools_report(cluster: str, spec: ClusterSpec, groups: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "cluster_name": cluster,
             "node_pools": {pool.name: ng["nodegroupArn"] for pool, ng in zip(spec.node_pools, groups, strict=True)},

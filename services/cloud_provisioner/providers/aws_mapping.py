@@ -429,6 +429,25 @@ def nodegroup_update(pool: NodePool, nodegroup: Mapping[str, Any]) -> dict[str, 
     return update
 
 
+def nodegroup_fixed_changes(pool: NodePool, nodegroup: Mapping[str, Any]) -> list[str]:
+    """The fields that differ and UpdateNodegroupConfig cannot change (a new node group, i.e. a rotation, can)."""
+    out: list[str] = []
+    if list(nodegroup.get("instanceTypes") or []) != list(pool.instance_types):
+        out.append("instanceTypes")
+    if nodegroup.get("capacityType", "ON_DEMAND") != ("SPOT" if pool.spot else "ON_DEMAND"):
+        out.append("capacityType")
+    return out
+
+
+# ---------------------------------------------------------------- tags (TagResource / UntagResource)
+def tag_changes(have: Mapping[str, str], want: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """(tags to add or update, keys to remove) so that a resource's tags become `want`. The spec owns the
+    tags of what we create; `aws:` keys are AWS's own (they cannot be changed) and stay."""
+    add = {k: v for k, v in want.items() if have.get(k) != v}
+    remove = sorted(k for k in have if k not in want and not k.startswith("aws:"))
+    return add, remove
+
+
 # ---------------------------------------------------------------- Kinesis
 def stream_request(name: str, tags: Mapping[str, str]) -> dict[str, Any]:
     """On-demand capacity: the log volume of a cluster is unknown up front; no shard count to manage."""

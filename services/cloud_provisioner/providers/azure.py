@@ -11,8 +11,13 @@ azure_mapping.py for names and request bodies):
   an AAD cluster with local accounts disabled holds no secret; we keep only the fingerprint)
   and a credential reference `aks://<subscription>/<resourceGroup>/<name>` that the installer
   resolves through Azure AD.
-- node_pools: one User agent pool per spec pool (converges min/max on re-runs).
+- node_pools: one User agent pool per spec pool (converges scaling, labels, taints and tags of an
+  existing pool with one PUT of the whole pool, as AKS updates pools).
 - log_stream: an Event Hubs namespace and hub.
+
+In-place updates (`update`): the agent pools as above, but none is created (a missing pool or another VM
+size / priority is NotInPlace: a rotation's job), and the managed cluster's tags (PATCH updateTags).
+Tags of the network, identity and Event Hubs stay as created.
 
 Every step is an ensure: GET by deterministic name, adopt what exists (waiting while its
 provisioningState is in progress, re-PUT if it ended Failed), PUT only what is missing. Deletes
@@ -53,12 +58,15 @@ from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
     InvalidInstanceTypeError,
+    NotInPlaceError,
     QuotaExceededError,
     ResourceNotFoundError,
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
+    Updated,
     managed_spec,
+    unchanged,
 )
 from shared.config import Settings
 from shared.events.models import ProvisionStep
@@ -222,10 +230,19 @@ class AzureProvider:
             case "cluster":
                 return await self._ensure_cluster(ctx)
             case "node_pools":
-                return await self._ensure_node_pools(ctx)
+                return (await self._ensure_node_pools(ctx)).resources
             case "log_stream":
                 return await self._ensure_log_stream(ctx)
         raise ValueError(f"unknown step {step!r}")
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        managed_spec(ctx, "AKS")
+        match step:
+            case "cluster":
+                return await self._update_cluster_tags(ctx)
+            case "node_pools":
+                return await self._ensure_node_pools(ctx, create=False)
+        return unchanged(step, ctx)
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         if resources is not None and resources.get("owned") is False:
@@ -406,39 +423,74 @@ class AzureProvider:
                                     get=partial(self.aks.managed_clusters.get, rg, names.cluster),
                                     delete=partial(self.aks.managed_clusters.begin_delete, rg, names.cluster))
 
+    async def _update_cluster_tags(self, ctx: ClusterContext) -> Updated:
+        names = self.names(ctx)
+        rg, what = names.resource_group, f"managed cluster {names.cluster}"
+        get = partial(self.aks.managed_clusters.get, rg, names.cluster)
+        found = await self._settle(what, get)
+        if found is None:
+            raise NotInPlaceError(f"{what} does not exist: an update does not create it")
+        if not m.is_ours(found, ctx.cluster_id):
+            raise TerminalCloudError("NameConflict", f"{what} lacks our cluster tag: not updating it")
+        body = m.tags_body(ctx.tags("cluster"))
+        changed = (found.get("tags") or {}) != body["tags"]
+        if changed:
+            log.info("%s: updating its tags", what, extra={"cluster_id": ctx.cluster_id})
+            await self._lro(partial(self.aks.managed_clusters.begin_update_tags, rg, names.cluster, _json_body(body)),
+                            what)  # fmt: skip
+        return Updated(dict(ctx.resources.get("cluster", {})), changed)
+
     # ------------------------------------------------------------------ node pools
-    async def _ensure_node_pools(self, ctx: ClusterContext) -> dict[str, Any]:
+    async def _ensure_node_pools(self, ctx: ClusterContext, *, create: bool = True) -> Updated:
+        """Every spec pool, converged in place where it exists; created where it does not, unless `create` is
+        False (an update: a missing pool, or another VM size or priority, is NotInPlace)."""
         assert ctx.spec is not None
         names, spec, tags = self.names(ctx), ctx.spec, ctx.tags("node_pools")
         rg = names.resource_group
         subnet = m.pool_subnet(m.subnet_ids(self._network_of(ctx)))
         out: dict[str, str] = {}
+        changed: list[str] = []
         # One at a time: AKS refuses a second operation on a cluster while one runs (409).
         for pool in spec.node_pools:
             aks_name = m.agent_pool_name(pool.name)
+            what = f"agent pool {aks_name} of {names.cluster}"
             body = m.agent_pool_body(pool, spec.kubernetes_version, {**tags, "flotilla.dev/node-pool": pool.name},
                                      subnet)  # fmt: skip
-            want = m.wanted_scaling(pool)
+            get = partial(self.aks.agent_pools.get, rg, names.cluster, aks_name)
+            if not create:
+                await self._check_in_place(what, get, body)
+            drift: list[str] = []
 
-            def converge(found: dict[str, Any], body: dict[str, Any] = body, want: Any = want) -> bool:
-                if m.scaling_of(found.get("properties") or {}) == want:
+            def converge(found: dict[str, Any], body: dict[str, Any] = body, drift: list[str] = drift,
+                         what: str = what) -> bool:  # fmt: skip
+                props = found.get("properties") or {}
+                drift[:] = m.agent_pool_drift(props, body["properties"])
+                if not drift:
                     return False
                 # Keep the running node count inside the new bounds instead of resetting it to minCount.
-                current = (found.get("properties") or {}).get("count")
+                current = props.get("count")
                 if body["properties"]["enableAutoScaling"] and isinstance(current, int):
                     lo, hi = body["properties"]["minCount"], body["properties"]["maxCount"]
                     body["properties"]["count"] = min(max(current, lo), hi)
+                log.info("%s differs in %s: updating it", what, drift, extra={"cluster_id": ctx.cluster_id})
                 return True
 
             ap = await self._ensure_resource(
-                f"agent pool {aks_name} of {names.cluster}",
-                get=partial(self.aks.agent_pools.get, rg, names.cluster, aks_name),
-                create=partial(self.aks.agent_pools.begin_create_or_update, rg, names.cluster, aks_name,
-                               _json_body(body)),
-                converge=converge,
-            )
+                what, get=get, create=partial(self.aks.agent_pools.begin_create_or_update, rg, names.cluster, aks_name,
+                                              _json_body(body)), converge=converge,
+            )  # fmt: skip
+            if drift:
+                changed.append(pool.name)
             out[pool.name] = ap["id"]
-        return {"node_pools": out, "resource_group": rg}
+        return Updated({"node_pools": out, "resource_group": rg}, bool(changed))
+
+    async def _check_in_place(self, what: str, get: Callable[[], Any], body: dict[str, Any]) -> None:
+        found = await self._settle(what, get)
+        if found is None:
+            raise NotInPlaceError(f"{what} does not exist: adding a pool takes a rotation, not an update")
+        fixed = m.agent_pool_fixed_changes(found.get("properties") or {}, body["properties"])
+        if fixed:
+            raise NotInPlaceError(f"{what}: {', '.join(fixed)} cannot change in place (a rotation can)")
 
     async def _delete_node_pools(self, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         names = self.names(ctx)

@@ -302,6 +302,36 @@ def wanted_scaling(pool: NodePool) -> tuple[bool, int | None, int | None]:
     return False, pool.min_count, pool.min_count
 
 
+# Node labels AKS sets itself (e.g. kubernetes.azure.com/scalesetpriority on spot pools): never ours to converge.
+AKS_LABEL_PREFIX = "kubernetes.azure.com/"
+
+
+def agent_pool_drift(found: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Which in-place fields of an existing agent pool's properties differ from the wanted ones (a PUT fixes them):
+    'scaling', 'nodeLabels', 'nodeTaints', 'tags'. Taint order does not matter; AKS's own labels are ignored."""
+    out: list[str] = []
+    if scaling_of(found) != scaling_of(want):
+        out.append("scaling")
+    labels = {k: v for k, v in (found.get("nodeLabels") or {}).items() if not k.startswith(AKS_LABEL_PREFIX)}
+    if labels != {k: v for k, v in (want.get("nodeLabels") or {}).items() if not k.startswith(AKS_LABEL_PREFIX)}:
+        out.append("nodeLabels")
+    if sorted(found.get("nodeTaints") or []) != sorted(want.get("nodeTaints") or []):
+        out.append("nodeTaints")
+    if (found.get("tags") or {}) != (want.get("tags") or {}):
+        out.append("tags")
+    return out
+
+
+def agent_pool_fixed_changes(found: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """The fields that differ and no PUT can change on an existing pool (a new pool, i.e. a rotation, can)."""
+    out: list[str] = []
+    if str(found.get("vmSize") or "").lower() != str(want.get("vmSize") or "").lower():
+        out.append("vmSize")
+    if (found.get("scaleSetPriority") or "Regular") != (want.get("scaleSetPriority") or "Regular"):
+        out.append("scaleSetPriority")
+    return out
+
+
 def agent_pool_properties(pool: NodePool, kubernetes_version: str, tags: dict[str, str],
                           subnet_id: str | None) -> dict[str, Any]:  # fmt: skip
     """The properties of one User agent pool (the body of PUT .../agentPools/<name> is {"properties": ...})."""
@@ -379,6 +409,11 @@ def managed_cluster_body(spec: ClusterSpec, location: str, tags: dict[str, str],
         "identity": {"type": "UserAssigned", "userAssignedIdentities": {identity_id: {}}},
         "properties": props,
     }
+
+
+def tags_body(tags: dict[str, str]) -> dict[str, Any]:
+    """PATCH .../managedClusters/<name> (updateTags): the cluster's tags become exactly these."""
+    return {"tags": azure_tags(tags)}
 
 
 def cluster_endpoint(cluster: dict[str, Any], private: bool) -> str:

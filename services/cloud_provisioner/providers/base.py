@@ -12,6 +12,12 @@ implements `CloudProvider`. Both operations are *ensures*:
   cluster retired before any request was recorded): a delete by tag must not need it, and
   must find only what carries this cluster's id tag, which an adopted (byon) network never
   does, so such a sweep cannot touch it.
+- `update(step, ctx)` (in-place updates) converges the step's *existing* resources to `ctx.spec`
+  where the cloud changes them in place: node pool scaling, labels and taints, and tags. It never
+  creates: a spec pool that does not exist, or one whose instance types or spot setting differ,
+  raises `NotInPlaceError` (terminal) because only a new pool, i.e. a rotation, can do that. Steps
+  with nothing to change in place return what they reported before. `ensure` converges the same
+  fields on what it finds, so an update that arrived while provisioning ran is also applied by it.
 
 Errors: raise `CloudError` subclasses. Retryable ones (throttling, transient server errors,
 an operation still running elsewhere) are retried by the consumer runtime with backoff;
@@ -61,6 +67,8 @@ class CloudError(Exception):
     """A classified cloud API error. `code` is the provider's error code (e.g. 'QuotaExceeded')."""
 
     retryable: bool = False
+    # The step an action covering several steps (an update) was at when it failed; set by the caller.
+    step: ProvisionStep | None = None
 
     def __init__(self, code: str, message: str = "", retryable: bool | None = None) -> None:
         self.code = code
@@ -94,6 +102,13 @@ class QuotaExceededError(TerminalCloudError):
 
 class InvalidInstanceTypeError(TerminalCloudError):
     pass
+
+
+class NotInPlaceError(TerminalCloudError):
+    """The change cannot be made to the existing resource (a missing pool, other instance types): a rotation can."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("NotInPlace", message)
 
 
 class ResourceNotFoundError(CloudError):
@@ -164,6 +179,19 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 # ---------------------------------------------------------------- the port
+@dataclass(frozen=True)
+class Updated:
+    """What `update` did to one step: what the step reports now, and whether anything was changed."""
+
+    resources: dict[str, Any]
+    changed: bool
+
+
+def unchanged(step: ProvisionStep, ctx: ClusterContext) -> Updated:
+    """The answer for a step that has nothing to change in place."""
+    return Updated(dict(ctx.resources.get(step, {})), False)
+
+
 @runtime_checkable
 class CloudProvider(Protocol):
     name: str
@@ -174,4 +202,8 @@ class CloudProvider(Protocol):
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         """Make the step's resources absent; not-found is done."""
+        ...
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        """Converge the step's existing resources to `ctx.spec` in place; create nothing (see the module doc)."""
         ...

@@ -7,8 +7,13 @@ Steps (shared/events/models.py PROVISION_STEPS) and what each makes (request bod
               the project (Cloud Resource Manager getIamPolicy/setIamPolicy, etag-checked)
   cluster     the regional GKE cluster (GKE v1); its bootstrap node pool is removed once it runs
   node_pools  one GKE node pool per spec pool, created one at a time (GKE runs one node-pool operation
-              per cluster at a time); autoscaling bounds are converged on existing pools
+              per cluster at a time); on existing pools, autoscaling (setAutoscaling, then setSize when
+              autoscaling is switched on or off) and Kubernetes labels, taints and resource labels
+              (UpdateNodePool with only what differs) are converged
   log_stream  a Pub/Sub topic
+In-place updates (`update`) converge the node pools the same way without creating any (a missing pool, or
+another machine type or spot setting, is NotInPlace: a rotation's job) and the cluster's resource labels
+(SetLabels, fingerprint-checked). Labels of the network, service account and topic stay as created.
 Deletes run in reverse (the core drives the order), one resource at a time, and wait until it is gone.
 
 Every step is an ensure: look the deterministic name up; adopt it only if it carries our cluster id
@@ -46,11 +51,14 @@ from google.pubsub_v1.services.publisher import PublisherClient
 from services.cloud_provisioner.providers.base import (
     CloudError,
     ClusterContext,
+    NotInPlaceError,
     ResourceNotFoundError,
     TerminalCloudError,
     ThrottlingError,
     TransientCloudError,
+    Updated,
     managed_spec,
+    unchanged,
 )
 from services.cloud_provisioner.providers.gcp_errors import (
     AlreadyExistsError,
@@ -67,14 +75,18 @@ from services.cloud_provisioner.providers.gcp_mapping import (
     autoscaling_matches,
     ca_fingerprint,
     cluster_body,
+    cluster_labels_request,
     credential_ref,
     described_ours,
     firewall_body,
+    gcp_labels,
     labelled_ours,
     names_for,
     network_body,
     network_ref,
     node_pool_body,
+    pool_fixed_changes,
+    pool_update_request,
     service_account_body,
     subnetwork_body,
     topic_body,
@@ -207,6 +219,15 @@ class GcpProvider:
             case "log_stream":
                 return await self._ensure_topic(ctx, paths)
         raise ValueError(f"unknown step {step!r}")
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        spec = managed_spec(ctx, "GKE")
+        if step not in ("cluster", "node_pools"):
+            return unchanged(step, ctx)
+        paths = await self._paths(ctx)
+        if step == "cluster":
+            return await self._update_cluster_labels(ctx, paths)
+        return await self._update_node_pools(ctx, spec, paths)
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         if resources is not None and resources.get("owned") is False:
@@ -456,6 +477,21 @@ class GcpProvider:
             raise TransientCloudError("ResourceBeingDeleted", f"cluster {paths.cluster} is being deleted")
         return cluster
 
+    async def _update_cluster_labels(self, ctx: ClusterContext, paths: Paths) -> Updated:
+        found = await self._get_cluster(paths)
+        if found is None:
+            raise NotInPlaceError(f"GKE cluster {paths.cluster} does not exist: an update does not create it")
+        if not labelled_ours(found.resource_labels, ctx.cluster_id):
+            raise _conflict(f"GKE cluster {paths.cluster}", ctx)
+        cluster = await self._cluster_running(paths)
+        request = cluster_labels_request(paths.cluster, cluster, gcp_labels(ctx.tags("cluster")))
+        if request is not None:
+            log.info("cluster %s: setting its labels", paths.cluster, extra={"cluster_id": ctx.cluster_id})
+            # A stale fingerprint (someone changed them meanwhile) fails the call: retried with a fresh read.
+            op = await self._api(lambda: self.container.set_labels(request=request, **self._opts))
+            await self._wait_gke(op, paths)
+        return Updated(dict(ctx.resources.get("cluster", {})), request is not None)
+
     async def _drop_bootstrap_pool(self, ctx: ClusterContext, paths: Paths, cluster: container_v1.Cluster) -> None:
         """GKE needs a node pool to create a cluster; the spec's pools come from the node_pools step."""
         if any(pool.name == BOOTSTRAP_POOL for pool in cluster.node_pools):
@@ -498,6 +534,46 @@ class GcpProvider:
             out[pool.name] = paths.node_pool(body.name)
         return {"node_pools": out, "cluster": paths.cluster}
 
+    async def _update_node_pools(self, ctx: ClusterContext, spec: ClusterSpec, paths: Paths) -> Updated:
+        sa_email = str(ctx.resources.get("iam", {}).get("service_account_email") or paths.service_account)
+        out: dict[str, str] = {}
+        changed = False
+        for pool in spec.node_pools:  # one at a time, as GKE wants
+            body = node_pool_body(ctx, pool, sa_email)
+            name = paths.node_pool(body.name)
+            if await self._get_pool(paths, body.name) is None:
+                raise NotInPlaceError(f"node pool {name} does not exist: adding a pool takes a rotation")
+            found = await self._pool_running(paths, body.name)
+            fixed = pool_fixed_changes(found, body)
+            if fixed:
+                raise NotInPlaceError(f"node pool {name}: {', '.join(fixed)} cannot change in place (a rotation can)")
+            changed = await self._converge_existing_pool(ctx, paths, body, found) or changed
+            out[pool.name] = name
+        return Updated({"node_pools": out, "cluster": paths.cluster}, changed)
+
+    async def _converge_existing_pool(self, ctx: ClusterContext, paths: Paths, body: container_v1.NodePool,
+                                      found: container_v1.NodePool) -> bool:  # fmt: skip
+        """Autoscaling, then labels / taints / resource labels, where they differ; True if anything was changed."""
+        name = paths.node_pool(body.name)
+        changed = False
+        if not autoscaling_matches(found.autoscaling, body.autoscaling):
+            log.info("node pool %s: autoscaling %s %s..%s -> %s %s..%s", name, found.autoscaling.enabled,
+                     found.autoscaling.total_min_node_count, found.autoscaling.total_max_node_count,
+                     body.autoscaling.enabled, body.autoscaling.total_min_node_count,
+                     body.autoscaling.total_max_node_count, extra={"cluster_id": ctx.cluster_id})  # fmt: skip
+            await self._set_autoscaling(paths, name, body.autoscaling)
+            if found.autoscaling.enabled != body.autoscaling.enabled:
+                # Switched off (maxCount 0) or on again: nobody else sizes the pool, so start it where a new one would.
+                await self._set_size(paths, name, body.initial_node_count)
+            changed = True
+        request = pool_update_request(name, found, body)
+        if request is not None:
+            log.info("node pool %s: updating its labels / taints", name, extra={"cluster_id": ctx.cluster_id})
+            op = await self._api(lambda: self.container.update_node_pool(request=request, **self._opts))
+            await self._wait_gke(op, paths)
+            changed = True
+        return changed
+
     async def _converge_pool(self, ctx: ClusterContext, paths: Paths, body: container_v1.NodePool) -> None:
         name = paths.node_pool(body.name)
         for _ in range(_ENSURE_ROUNDS):
@@ -508,11 +584,7 @@ class GcpProvider:
                     await self._delete_pool(paths, body.name)
                     continue
                 found = await self._pool_running(paths, body.name)
-                if not autoscaling_matches(found.autoscaling, body.autoscaling):
-                    log.info("node pool %s: autoscaling %s..%s -> %s..%s", name, found.autoscaling.total_min_node_count,
-                             found.autoscaling.total_max_node_count, body.autoscaling.total_min_node_count,
-                             body.autoscaling.total_max_node_count, extra={"cluster_id": ctx.cluster_id})  # fmt: skip
-                    await self._set_autoscaling(paths, name, body.autoscaling)
+                await self._converge_existing_pool(ctx, paths, body, found)
                 return
             try:
                 op = await self._api(lambda: self.container.create_node_pool(parent=paths.cluster, node_pool=body,
@@ -528,6 +600,11 @@ class GcpProvider:
     async def _set_autoscaling(self, paths: Paths, name: str, autoscaling: container_v1.NodePoolAutoscaling) -> None:
         request = container_v1.SetNodePoolAutoscalingRequest(name=name, autoscaling=autoscaling)
         op = await self._api(lambda: self.container.set_node_pool_autoscaling(request=request, **self._opts))
+        await self._wait_gke(op, paths)
+
+    async def _set_size(self, paths: Paths, name: str, node_count: int) -> None:
+        request = container_v1.SetNodePoolSizeRequest(name=name, node_count=node_count)
+        op = await self._api(lambda: self.container.set_node_pool_size(request=request, **self._opts))
         await self._wait_gke(op, paths)
 
     async def _pool_running(self, paths: Paths, name: str) -> container_v1.NodePool:

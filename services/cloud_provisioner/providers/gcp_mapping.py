@@ -368,6 +368,62 @@ def autoscaling_matches(current: container_v1.NodePoolAutoscaling, wanted: conta
         wanted.enabled, wanted.total_min_node_count, wanted.total_max_node_count)  # fmt: skip
 
 
+# Labels GKE puts on resources itself ("goog-..."): never ours to compare, change or remove.
+GKE_LABEL_PREFIX = "goog-"
+
+
+def _own(labels: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in dict(labels or {}).items() if not str(k).startswith(GKE_LABEL_PREFIX)}
+
+
+def with_gke_labels(found: Any, wanted: dict[str, str]) -> dict[str, str]:
+    """The labels to set: ours as wanted, GKE's own kept as they are."""
+    return {**{k: v for k, v in dict(found or {}).items() if str(k).startswith(GKE_LABEL_PREFIX)}, **wanted}
+
+
+def labels_differ(found: Any, wanted: Any) -> bool:
+    return _own(found) != _own(wanted)
+
+
+def pool_fixed_changes(found: container_v1.NodePool, wanted: container_v1.NodePool) -> list[str]:
+    """The fields that differ and no node-pool update changes in place here (a new pool, i.e. a rotation, can)."""
+    out: list[str] = []
+    if found.config.machine_type != wanted.config.machine_type:
+        out.append("machineType")
+    if bool(found.config.spot) != bool(wanted.config.spot):
+        out.append("spot")
+    return out
+
+
+def _taints(pool: container_v1.NodePool) -> list[tuple[str, str, int]]:
+    return sorted((t.key, t.value, int(t.effect)) for t in pool.config.taints)
+
+
+def pool_update_request(name: str, found: container_v1.NodePool, wanted: container_v1.NodePool
+                        ) -> container_v1.UpdateNodePoolRequest | None:  # fmt: skip
+    """UpdateNodePool with only what differs of the pool's Kubernetes labels, taints and resource labels (each
+    given replaces the whole set), or None when nothing does."""
+    request = container_v1.UpdateNodePoolRequest(name=name)
+    if dict(found.config.labels) != dict(wanted.config.labels):
+        request.labels = container_v1.NodeLabels(labels=dict(wanted.config.labels))
+    if _taints(found) != _taints(wanted):
+        request.taints = container_v1.NodeTaints(taints=list(wanted.config.taints))
+    if labels_differ(found.config.resource_labels, wanted.config.resource_labels):
+        labels = with_gke_labels(found.config.resource_labels, dict(wanted.config.resource_labels))
+        request.resource_labels = container_v1.ResourceLabels(labels=labels)
+    changed = any(field in request for field in ("labels", "taints", "resource_labels"))
+    return request if changed else None
+
+
+def cluster_labels_request(name: str, found: container_v1.Cluster, wanted: dict[str, str]
+                           ) -> container_v1.SetLabelsRequest | None:  # fmt: skip
+    """SetLabels (the fingerprint guards against a concurrent change) when the cluster's labels differ."""
+    if not labels_differ(found.resource_labels, wanted):
+        return None
+    return container_v1.SetLabelsRequest(name=name, resource_labels=with_gke_labels(found.resource_labels, wanted),
+                                         label_fingerprint=found.label_fingerprint)  # fmt: skip
+
+
 def node_pool_body(ctx: ClusterContext, pool: NodePool, sa_email: str) -> container_v1.NodePool:
     return container_v1.NodePool(
         name=pool_name(pool.name),

@@ -4,6 +4,11 @@ It is written the way the real drivers must be: look up by tag and name, adopt w
 (waiting while it is still CREATING), otherwise create with a deterministic client token;
 poll with async sleeps until the operation finished; retry throttling a few times locally
 (as the cloud SDKs do) before giving the error to the consumer runtime.
+
+What an existing resource can change in place (tags; a node pool's counts, labels and taints) is
+converged by `ensure` on what it adopts and by `update` (in-place updates), as a sim operation with
+latency like a create. `update` creates nothing: a missing pool or other instance types / spot is a
+NotInPlaceError (a rotation's job); `ensure` adopts such a pool as it is.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from services.cloud_provisioner.providers.base import (
     TAG_CLUSTER,
     CloudError,
     ClusterContext,
+    NotInPlaceError,
     ResourceNotFoundError,
     ThrottlingError,
     TransientCloudError,
+    Updated,
     gather_calls,
+    unchanged,
 )
 from services.cloud_provisioner.providers.simcloud import SimCloud, SimResource
 from shared.config import Settings
+from shared.events.clusterset import Network
 from shared.events.models import ProvisionStep
 
 log = logging.getLogger("flotilla.cloud_provisioner.sim")
@@ -41,6 +50,11 @@ STEP_KINDS: dict[ProvisionStep, tuple[str, ...]] = {
     "iam": ("iam_role",),
     "log_stream": ("log_stream",),
 }
+
+# Attributes an existing resource changes in place (its tags too, whatever the kind), and those that only a
+# new resource can have (a rotation): an update refuses to touch them, an ensure adopts the resource as it is.
+IN_PLACE: dict[str, tuple[str, ...]] = {"node_pool": ("min_count", "max_count", "labels", "taints")}
+FIXED: dict[str, tuple[str, ...]] = {"node_pool": ("instance_types", "spot")}
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,8 @@ def plan(step: ProvisionStep, ctx: ClusterContext) -> list[Planned]:
             return [
                 Planned("node_pool", f"{cid}-{pool.name}", ctx.client_token(step, pool.name),
                         {"instance_types": list(pool.instance_types), "min_count": pool.min_count,
-                         "max_count": pool.max_count, "spot": pool.spot}, part=pool.name)
+                         "max_count": pool.max_count, "spot": pool.spot, "labels": dict(pool.labels),
+                         "taints": [t.model_dump(mode="json") for t in pool.taints]}, part=pool.name)
                 for pool in spec.node_pools
             ]  # fmt: skip
         case "iam":
@@ -122,14 +137,23 @@ class SimProvider:
 
     # ------------------------------------------------------------------ the port
     async def ensure(self, step: ProvisionStep, ctx: ClusterContext) -> dict[str, Any]:
-        if step == "network" and ctx.spec is not None and "byon" in ctx.spec.features and ctx.spec.network:
-            net = ctx.spec.network  # bring your own network: adopt, never create
+        net = _byon_network(step, ctx)
+        if net is not None:  # bring your own network: adopt, never create
             return {"network_id": net.vpc_id or net.vnet_id or net.network_id or "",
                     "subnet_ids": list(net.subnet_ids), "owned": False}  # fmt: skip
         planned = plan(step, ctx)
         tags = ctx.tags(step)
         made = await gather_calls([self._ensure_one(p, tags, ctx.cluster_id) for p in planned])
         return report(step, ctx, list(zip(planned, made, strict=True)))
+
+    async def update(self, step: ProvisionStep, ctx: ClusterContext) -> Updated:
+        if _byon_network(step, ctx) is not None or ctx.resources.get(step, {}).get("owned") is False:
+            return unchanged(step, ctx)  # adopted: never ours to change
+        planned = plan(step, ctx)
+        tags = ctx.tags(step)
+        results = await gather_calls([self._update_one(p, tags, ctx.cluster_id) for p in planned])
+        made = [(p, res) for p, (res, _) in zip(planned, results, strict=True)]
+        return Updated(report(step, ctx, made), any(changed for _, changed in results))
 
     async def delete(self, step: ProvisionStep, ctx: ClusterContext, resources: dict[str, Any] | None) -> None:
         if resources is not None and resources.get("owned") is False:
@@ -144,30 +168,72 @@ class SimProvider:
         await gather_calls([self._delete_one(res) for res in targets.values()])
 
     # ------------------------------------------------------------------ one resource
-    async def _ensure_one(self, p: Planned, step_tags: dict[str, str], cluster_id: str) -> SimResource:
+    async def _find(self, p: Planned, cluster_id: str) -> SimResource | None:
         found = await self._api(lambda: self.cloud.list(p.kind, {TAG_CLUSTER: cluster_id, "Name": p.name}))
         live = [r for r in found if r.status != "DELETING"]
         if live:
             if len(live) > 1:
                 log.warning("%d %s resources named %s: adopting the oldest", len(live), p.kind, p.name)
-            res = live[0]
-        elif found:
+            return live[0]
+        if found:
             raise TransientCloudError("ResourceBeingDeleted", f"{p.kind} {p.name} is being deleted")
-        else:
+        return None
+
+    async def _ensure_one(self, p: Planned, step_tags: dict[str, str], cluster_id: str) -> SimResource:
+        tags = {**step_tags, "Name": p.name}
+        res = await self._find(p, cluster_id)
+        if res is None:
             try:
-                res = await self._api(lambda: self.cloud.create(p.kind, p.name, tags={**step_tags, "Name": p.name},
-                                                                attrs=p.attrs, client_token=p.token))  # fmt: skip
+                res = await self._api(lambda: self.cloud.create(p.kind, p.name, tags=tags, attrs=p.attrs,
+                                                                client_token=p.token))  # fmt: skip
             except ResourceNotFoundError as exc:
                 # Our token's resource was deleted meanwhile (a retirement won a race): not a terminal error.
                 raise TransientCloudError("ResourceGone", exc.message) from None
-        return await self._wait(res, "ACTIVE")
+            return await self._wait(res, "ACTIVE")
+        converged, _ = await self._converge(await self._wait(res, "ACTIVE"), p, tags, strict=False)
+        return converged
+
+    async def _update_one(self, p: Planned, step_tags: dict[str, str], cluster_id: str) -> tuple[SimResource, bool]:
+        res = await self._find(p, cluster_id)
+        if res is None:
+            raise NotInPlaceError(f"{p.kind} {p.name} does not exist: adding it takes a rotation, not an update")
+        return await self._converge(await self._wait(res, "ACTIVE"), p, {**step_tags, "Name": p.name}, strict=True)
+
+    async def _converge(self, res: SimResource, p: Planned, tags: dict[str, str], *, strict: bool
+                        ) -> tuple[SimResource, bool]:  # fmt: skip
+        """Change in place what differs from the plan (tags, IN_PLACE attributes); True if anything was changed."""
+        fixed = [k for k in FIXED.get(p.kind, ()) if k in p.attrs and res.attrs.get(k) != p.attrs[k]]
+        if fixed and strict:
+            raise NotInPlaceError(f"{p.kind} {p.name}: {', '.join(fixed)} cannot change in place (a rotation can)")
+        if fixed:
+            log.warning("%s %s differs in %s from the spec: adopted as it is", p.kind, p.name, fixed)
+        deadline = time.monotonic() + self.timeout_s
+        changed = False
+        while True:
+            attrs = {**res.attrs, **{k: p.attrs[k] for k in IN_PLACE.get(p.kind, ()) if k in p.attrs}}
+            if attrs == res.attrs and tags == res.tags:
+                return res, changed
+            try:
+                res = await self._api(partial(self.cloud.update, res.id, attrs=attrs, tags=tags))
+            except ResourceNotFoundError:
+                raise TransientCloudError("ResourceGone", f"{p.kind} {res.id} disappeared while updating") from None
+            except TransientCloudError as exc:
+                # Another operation runs on it (a second replica converging too): wait, then look again.
+                if exc.code != "ResourceInUse" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(self.poll_s)
+                res = await self._wait(await self._api(partial(self.cloud.get, res.id)), "ACTIVE")
+                continue
+            log.info("updating %s %s in place", p.kind, p.name)
+            res = await self._wait(res, "ACTIVE")
+            changed = True
 
     async def _delete_one(self, res: SimResource) -> None:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                if res.status == "CREATING":
-                    res = await self._wait(res, "ACTIVE")  # most clouds refuse to delete mid-create
+                if res.status in ("CREATING", "UPDATING"):
+                    res = await self._wait(res, "ACTIVE")  # most clouds refuse to delete mid-operation
                 if res.status != "DELETING":
                     res = await self._api(partial(self.cloud.delete, res.id))
                 await self._wait(res, "GONE")
@@ -213,3 +279,10 @@ class SimProvider:
         raise AssertionError("unreachable")
 
 
+
+
+def _byon_network(step: ProvisionStep, ctx: ClusterContext) -> Network | None:
+    """The given network when `step` is the network of a bring-your-own-network cluster."""
+    if step == "network" and ctx.spec is not None and "byon" in ctx.spec.features:
+        return ctx.spec.network
+    return None

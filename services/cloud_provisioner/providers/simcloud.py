@@ -8,8 +8,10 @@ honestly:
   while (a tombstone, like EC2 client tokens): a late create with a deleted resource's
   token gets that deleted resource back instead of a fresh one.
 - Operations complete asynchronously: a new resource is CREATING until `ready_at`
-  (latency ± jitter), then ACTIVE; a deleted one is DELETING until `delete_at`, then gone.
-  Status is derived from the clock at read time; gone resources are purged lazily.
+  (latency ± jitter), then ACTIVE; an updated one (attributes and tags changed in place) is
+  UPDATING until its new `ready_at`; a deleted one is DELETING until `delete_at`, then gone.
+  Status is derived from the clock at read time; gone resources are purged lazily. Like most
+  clouds, an update or a delete is refused (ResourceInUse, retryable) while another operation runs.
 - Throttling and server errors are injected at configured rates (seeded RNG when a seed
   is set), and deterministic fault rules stored in Redis can be added at run time.
 - `inventory` counts live resources per cluster and kind (for tests and operators).
@@ -40,8 +42,8 @@ from services.cloud_provisioner.providers.base import (
 )
 from shared.config import Settings
 
-Status = Literal["CREATING", "ACTIVE", "DELETING"]
-Op = Literal["create", "delete", "get", "list", "*"]
+Status = Literal["CREATING", "UPDATING", "ACTIVE", "DELETING"]
+Op = Literal["create", "update", "delete", "get", "list", "*"]
 
 TOKEN_TTL_S = 24 * 3600
 ID_PREFIX = {"network": "vpc", "cluster": "cl", "node_pool": "np", "iam_role": "role", "log_stream": "ls"}
@@ -68,8 +70,28 @@ _DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local st = redis.call('HGET', KEYS[1], 'status')
 if st == 'DELETING' then return 2 end
-if st == 'CREATING' and tonumber(redis.call('HGET', KEYS[1], 'ready_at')) > tonumber(ARGV[1]) then return -1 end
+if (st == 'CREATING' or st == 'UPDATING') and tonumber(redis.call('HGET', KEYS[1], 'ready_at')) > tonumber(ARGV[1])
+then return -1 end
 redis.call('HSET', KEYS[1], 'status', 'DELETING', 'delete_at', ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+return 1
+"""
+
+# KEYS[1]=resource  KEYS[2]=stats  KEYS[3..2+n]=tag index sets to leave  KEYS[3+n..]=tag index sets to join
+# ARGV[1]=now  ARGV[2]=ready_at  ARGV[3]=stats field  ARGV[4]=tags as read (the update applies to them only)
+# ARGV[5]=new tags  ARGV[6]=new attrs  ARGV[7]=id  ARGV[8]=n
+# Returns 0 not found, -1 an operation still runs (in use), 2 deleting, -2 tags changed since read, 1 started.
+_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st == 'DELETING' then return 2 end
+if (st == 'CREATING' or st == 'UPDATING') and tonumber(redis.call('HGET', KEYS[1], 'ready_at')) > tonumber(ARGV[1])
+then return -1 end
+if redis.call('HGET', KEYS[1], 'tags') ~= ARGV[4] then return -2 end
+redis.call('HSET', KEYS[1], 'status', 'UPDATING', 'ready_at', ARGV[2], 'tags', ARGV[5], 'attrs', ARGV[6])
+local n = tonumber(ARGV[8])
+for i = 3, 2 + n do redis.call('SREM', KEYS[i], ARGV[7]) end
+for i = 3 + n, #KEYS do redis.call('SADD', KEYS[i], ARGV[7]) end
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 return 1
 """
@@ -160,6 +182,7 @@ class SimCloud:
         self.clock = clock
         self._create = redis.register_script(_CREATE)
         self._delete = redis.register_script(_DELETE)
+        self._update = redis.register_script(_UPDATE)
         self._fault = redis.register_script(_FAULT)
 
     @classmethod
@@ -265,7 +288,7 @@ class SimCloud:
         delete_at = float(raw["delete_at"]) if raw.get("delete_at") else None
         if status == "DELETING" and delete_at is not None and now >= delete_at:
             return None
-        if status == "CREATING" and now >= ready_at:
+        if status in ("CREATING", "UPDATING") and now >= ready_at:
             status = "ACTIVE"
         return SimResource(
             id=raw["id"], kind=raw["kind"], name=raw["name"], status=status, tags=json.loads(raw["tags"]),
@@ -371,6 +394,39 @@ class SimCloud:
         kinds = cast(set[str], await self.redis.smembers(self._kinds))
         return cast(set[str], await self.redis.sunion([self._kind_idx(k) for k in kinds])) if kinds else set()
 
+    async def update(self, resource_id: str, *, attrs: Mapping[str, Any] | None = None,
+                     tags: Mapping[str, str] | None = None) -> SimResource:  # fmt: skip
+        """Start changing a resource in place (UPDATING until ready): `attrs` / `tags` replace the current ones.
+
+        Not found → ResourceNotFoundError; deleting → ResourceBeingDeleted; another operation running →
+        ResourceInUse (both retryable)."""
+        raw = await self._hash(self._res(resource_id))
+        res = self._decode(raw)
+        if res is None:
+            raise ResourceNotFoundError("NotFound", f"resource {resource_id} does not exist")
+        await self._inject("update", res.kind, res.name)
+        now = self.clock()
+        new_tags = dict(res.tags if tags is None else tags)
+        new_attrs = dict(res.attrs if attrs is None else attrs)
+        leave = [self._tag_idx(k, v) for k, v in res.tags.items() if new_tags.get(k) != v]
+        join = [self._tag_idx(k, v) for k, v in new_tags.items() if res.tags.get(k) != v]
+        result = int(await self._update(
+            keys=[self._res(resource_id), self._stats, *leave, *join],
+            args=[repr(now), repr(now + self._latency()), f"updated:{res.kind}", raw["tags"],
+                  json.dumps(new_tags, sort_keys=True), json.dumps(new_attrs), resource_id, str(len(leave))],
+        ))  # fmt: skip
+        if result == 0:
+            raise ResourceNotFoundError("NotFound", f"resource {resource_id} does not exist")
+        if result == 2:
+            raise TransientCloudError("ResourceBeingDeleted", f"{res.kind} {resource_id} is being deleted")
+        if result in (-1, -2):
+            raise TransientCloudError("ResourceInUse", f"{res.kind} {resource_id} has an operation in progress")
+        self._maybe_fail_after("update", res.kind)
+        updated = self._decode(await self._hash(self._res(resource_id)))
+        if updated is None:
+            raise ResourceNotFoundError("NotFound", f"resource {resource_id} does not exist")
+        return updated
+
     async def delete(self, resource_id: str) -> SimResource:
         """Start deleting (DELETING until gone). Not found → ResourceNotFoundError; still creating → retryable."""
         raw = await self._hash(self._res(resource_id))
@@ -419,7 +475,8 @@ class SimCloud:
         return await self._load(rids)
 
     async def stats(self) -> dict[str, int]:
-        """Counters: created:<kind> (new resources, not token replays), deleted:<kind>, throttled:<op>, ..."""
+        """Counters: created:<kind> (new resources, not token replays), updated:<kind>, deleted:<kind>,
+        throttled:<op>, ..."""
         return {k: int(v) for k, v in (await self._hash(self._stats)).items()}
 
     async def reset(self) -> None:

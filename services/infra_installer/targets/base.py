@@ -4,6 +4,7 @@ Shaped for the real adapter (official `kubernetes` client): `apply_service` is a
 server-side apply of a service's objects with one field manager, so applying the same
 thing twice changes nothing; `service_healthy` is the health gate (rollouts available,
 webhooks answering). The installer never creates or deletes anything any other way.
+`drain` is one pass of a cluster drain: cordon every node, evict what may leave now (drain_plan.py), report.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.infra_installer.bundles.model import RenderContext
+from services.infra_installer.drain_plan import DrainReport
 from shared.bus.consumer import RetryableError
 
 FIELD_MANAGER = "flotilla-infra-installer"
+
+__all__ = ["FIELD_MANAGER", "ClusterRef", "DrainReport", "HealthTimeout", "InstallError", "KubernetesTarget"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class KubernetesTarget(abc.ABC):
     @abc.abstractmethod
     async def service_healthy(self, cluster: ClusterRef, service: str) -> bool:
         """Whether the applied service is up (its workloads available). Never raises for 'not yet'."""
+
+    @abc.abstractmethod
+    async def drain(self, cluster: ClusterRef) -> DrainReport:
+        """One drain pass: cordon every node, evict the pods that may leave now through the Eviction API
+        (never more than their disruption budgets allow, never forced), and report what is left.
+        Returns at once; the caller comes back for the next pass. Raises InstallError when the API fails."""
 
     async def wait_healthy(self, cluster: ClusterRef, service: str, timeout_s: float) -> None:
         """Poll the health gate until it passes; raise HealthTimeout after `timeout_s`."""

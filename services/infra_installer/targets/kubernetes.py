@@ -41,6 +41,9 @@ inventory, so any replica can evaluate them after a restart. `wait_healthy` rais
 Drift: `detect_drift` compares the desired objects with the live ones on the fields we declare only;
 `correct_drift` re-applies (reclaiming fields as above) and returns what it corrected.
 
+Drain (`drain`): one pass of k8s_drain.drain_pass (cordon, evict through the Eviction API within the disruption
+budgets) on the cluster's connection.
+
 The client is synchronous: every call runs in a worker thread (asyncio.to_thread), and calls for one
 cluster are serialised (the DynamicClient's discovery cache is not thread-safe).
 """
@@ -74,10 +77,12 @@ from services.infra_installer.targets import k8s_health as health
 from services.infra_installer.targets.base import (
     FIELD_MANAGER,
     ClusterRef,
+    DrainReport,
     HealthTimeout,
     InstallError,
     KubernetesTarget,
 )
+from services.infra_installer.targets.k8s_drain import drain_pass
 from services.infra_installer.targets.k8s_objects import (
     CRD_KIND,
     LABEL_INVENTORY,
@@ -232,6 +237,18 @@ class KubernetesApiTarget(KubernetesTarget):
                 more = f"; {len(failing) - 1} more gate(s) failing" if len(failing) > 1 else ""
                 raise GateTimeout(service, cluster.cluster_id, first.object, first.reason + more, timeout_s)
             await asyncio.sleep(min(self.health_poll_s, remaining))
+
+    async def drain(self, cluster: ClusterRef) -> DrainReport:
+        conn = await asyncio.to_thread(self._conn, cluster)
+        report: DrainReport = await self._call(conn, cluster, self._drain_pass, cluster.cluster_id)
+        if report.evicted or report.cordoned:
+            log.info("drain pass on %s: %d nodes cordoned, %d pods evicted, %d left (%d held by budgets)",
+                     cluster.cluster_id, report.cordoned, report.evicted, report.remaining, report.blocked,
+                     extra={"cluster_id": cluster.cluster_id})  # fmt: skip
+        return report
+
+    def _drain_pass(self, conn: _Conn, cluster_id: str) -> DrainReport:
+        return drain_pass(conn.api, self.request_timeout_s, cluster_id)
 
     # ================================================================== apply and prune
     async def apply(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> ApplyReport:

@@ -7,8 +7,18 @@ Keys (all under `<prefix>:simk8s:`):
 - `<cluster_id>`        hash service -> JSON object {service, version, values, manager, generation}
 - `<cluster_id>:log`    list of writes in the order they happened ("service@version")
 - `<cluster_id>:stats`  hash of counters: `apply:<service>` (calls), `write:<service>` (changes)
+- `<cluster_id>:pods`   sorted set: the simulated workload's pods still on the cluster (drains evict from it)
+- `<cluster_id>:drain`  hash: `seeded` (the workload was created), `cordoned`, `evicted`, `passes`
 - `_faults`             hash of injected faults, field `<kind>|<cluster_id or *>|<service>` -> times left
-                        (cluster ids are DNS-style names, so `_faults` cannot clash with one)
+                        (cluster ids are DNS-style names, so `_faults` cannot clash with one); kind `evict`
+                        (service `*`) blocks every eviction of one drain pass per unit, like a budget that
+                        never allows a disruption
+- `_workload`           hash of workload settings, field `<setting>|<cluster_id or *>`: `pods` (how many pods
+                        a cluster runs; by default 2..8, derived from its id) and `per_pass` (a disruption
+                        budget: at most that many evictions per drain pass; by default no limit)
+
+Drains: the workload is created on a cluster's first drain pass (so its size is fixed by then, whatever
+happens to the installer), every pass cordons (once) and evicts what the budget allows, in pod order.
 """
 
 from __future__ import annotations
@@ -17,16 +27,23 @@ import asyncio
 import hashlib
 import json
 import random
+import zlib
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from services.infra_installer.targets.base import FIELD_MANAGER, ClusterRef, InstallError, KubernetesTarget
+from services.infra_installer.targets.base import (
+    FIELD_MANAGER,
+    ClusterRef,
+    DrainReport,
+    InstallError,
+    KubernetesTarget,
+)
 from shared.config import Settings
 
-FaultKind = Literal["apply", "unhealthy"]
+FaultKind = Literal["apply", "unhealthy", "evict"]
 
 # Take one unit from the first matching fault rule (cluster-specific first, then wildcard).
 # KEYS[1] faults hash   ARGV: candidate fields in priority order   returns the field used, or false
@@ -56,6 +73,32 @@ return 1
 """
 
 
+# One drain pass, atomically. KEYS: pods, drain, workload settings   ARGV: cluster id, default pod count,
+# 1 when evictions are blocked in this pass. Returns {evicted, remaining, cordoned (0/1)}.
+_DRAIN = """
+local function setting(name)
+  return redis.call('HGET', KEYS[3], name .. '|' .. ARGV[1]) or redis.call('HGET', KEYS[3], name .. '|*')
+end
+if redis.call('HSETNX', KEYS[2], 'seeded', 1) == 1 then
+  local n = tonumber(setting('pods') or ARGV[2])
+  for i = 0, n - 1 do redis.call('ZADD', KEYS[1], i, 'pod-' .. i) end
+end
+local cordoned = redis.call('HSETNX', KEYS[2], 'cordoned', 1)
+redis.call('HINCRBY', KEYS[2], 'passes', 1)
+local evicted = 0
+if ARGV[3] ~= '1' then
+  local left = redis.call('ZCARD', KEYS[1])
+  local budget = tonumber(setting('per_pass') or left)
+  if budget > left then budget = left end
+  if budget > 0 then
+    evicted = #redis.call('ZPOPMIN', KEYS[1], budget) / 2
+    redis.call('HINCRBY', KEYS[2], 'evicted', evicted)
+  end
+end
+return {evicted, redis.call('ZCARD', KEYS[1]), cordoned}
+"""
+
+
 class SimObject(BaseModel):
     """What the simulated API server holds for one infra service."""
 
@@ -70,6 +113,11 @@ class SimObject(BaseModel):
 def _digest(service: str, version: str, values: Mapping[str, Any]) -> str:
     canonical = json.dumps({"s": service, "v": version, "values": values}, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def default_pods(cluster_id: str) -> int:
+    """How many pods a simulated cluster runs unless configured: 2..8, the same for a cluster every time."""
+    return 2 + zlib.crc32(cluster_id.encode()) % 7
 
 
 def _text(value: bytes | str) -> str:
@@ -92,6 +140,7 @@ class SimKubernetesTarget(KubernetesTarget):
         self._rng = random.Random(settings.sim_seed)
         self._take_fault = redis.register_script(_TAKE_FAULT)
         self._apply = redis.register_script(_APPLY)
+        self._drain = redis.register_script(_DRAIN)
 
     # ------------------------------------------------------------------ keys
     def objects_key(self, cluster_id: str) -> str:
@@ -103,9 +152,19 @@ class SimKubernetesTarget(KubernetesTarget):
     def _stats_key(self, cluster_id: str) -> str:
         return f"{self.base}:{cluster_id}:stats"
 
+    def _pods_key(self, cluster_id: str) -> str:
+        return f"{self.base}:{cluster_id}:pods"
+
+    def _drain_key(self, cluster_id: str) -> str:
+        return f"{self.base}:{cluster_id}:drain"
+
     @property
     def _faults_key(self) -> str:
         return f"{self.base}:_faults"
+
+    @property
+    def _workload_key(self) -> str:
+        return f"{self.base}:_workload"
 
     # ------------------------------------------------------------------ the port
     async def apply_service(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> None:
@@ -152,6 +211,19 @@ class SimKubernetesTarget(KubernetesTarget):
             return False
         return not await self._fault("unhealthy", cluster.cluster_id, service)
 
+    async def drain(self, cluster: ClusterRef) -> DrainReport:
+        cid = cluster.cluster_id
+        if self.failure_rate and self._rng.random() < self.failure_rate:
+            raise SimInstallError(f"simulated API error draining {cid}")
+        blocked = await self._fault("evict", cid, "*")
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        evicted, remaining, cordoned = await self._drain(
+            keys=[self._pods_key(cid), self._drain_key(cid), self._workload_key],
+            args=[cid, default_pods(cid), "1" if blocked else "0"])  # fmt: skip
+        return DrainReport(evicted=int(evicted), remaining=int(remaining), blocked=int(remaining),
+                           cordoned=int(cordoned))  # fmt: skip
+
     async def _fault(self, kind: FaultKind, cluster_id: str, service: str) -> bool:
         fields = [f"{kind}|{cluster_id}|{service}", f"{kind}|*|{service}"]
         return bool(await self._take_fault(keys=[self._faults_key], args=fields))
@@ -162,6 +234,29 @@ class SimKubernetesTarget(KubernetesTarget):
         """Make the next `times` applies (kind="apply") or health checks (kind="unhealthy") of `service` fail,
         on one cluster or on every cluster."""
         await self.redis.hincrby(self._faults_key, f"{kind}|{cluster_id or '*'}|{service}", times)
+
+    async def block_evictions(self, passes: int = 10**6, cluster_id: str | None = None) -> None:
+        """Make the next `passes` drain passes evict nothing (a disruption budget that allows nothing)."""
+        await self.add_fault("*", passes, cluster_id, kind="evict")
+
+    async def configure_workload(self, pods: int | None = None, evictions_per_pass: int | None = None,
+                                 cluster_id: str | None = None) -> None:  # fmt: skip
+        """Set the simulated workload of one cluster or of every cluster: its size (read at its first drain
+        pass) and a disruption budget (at most `evictions_per_pass` evictions per pass)."""
+        scope = cluster_id or "*"
+        if pods is not None:
+            await self.redis.hset(self._workload_key, f"pods|{scope}", pods)
+        if evictions_per_pass is not None:
+            await self.redis.hset(self._workload_key, f"per_pass|{scope}", evictions_per_pass)
+
+    async def pods(self, cluster_id: str) -> list[str]:
+        """The simulated pods still running on a cluster (empty before its first drain pass)."""
+        members = cast(list[bytes | str], await self.redis.zrange(self._pods_key(cluster_id), 0, -1))
+        return [_text(p) for p in members]
+
+    async def drain_status(self, cluster_id: str) -> dict[str, int]:
+        """`seeded`, `cordoned`, `evicted`, `passes` of a cluster's drains so far."""
+        return {_text(k): int(v) for k, v in (await self.redis.hgetall(self._drain_key(cluster_id))).items()}
 
     async def clear_faults(self) -> None:
         await self.redis.delete(self._faults_key)
@@ -181,4 +276,5 @@ class SimKubernetesTarget(KubernetesTarget):
 
     async def delete_cluster(self, cluster_id: str) -> None:
         """Forget a simulated cluster (its API server is gone). Not-found counts as done."""
-        await self.redis.delete(self.objects_key(cluster_id), self._log_key(cluster_id), self._stats_key(cluster_id))
+        await self.redis.delete(self.objects_key(cluster_id), self._log_key(cluster_id), self._stats_key(cluster_id),
+                                self._pods_key(cluster_id), self._drain_key(cluster_id))  # fmt: skip
