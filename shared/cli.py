@@ -286,6 +286,17 @@ def clusters_table(items: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _print_listing(items: list[dict[str, Any]], output: Output, empty: str,
+                   table: Callable[[list[dict[str, Any]]], Any]) -> None:  # fmt: skip
+    """A listing as JSON, or as a table (a note on stderr when there is nothing to list)."""
+    if output is Output.json:
+        _print_json(items)
+    elif not items:
+        err.print(empty)
+    else:
+        out.print(table(items))
+
+
 @get_app.command("clustersets")
 def get_clustersets(
     ctx: typer.Context,
@@ -293,12 +304,7 @@ def get_clustersets(
 ) -> None:
     """List ClusterSets with their READY counts."""
     items = _run(lambda c: c.clustersets(), _endpoints(ctx))
-    if output is Output.json:
-        _print_json(items)
-    elif not items:
-        err.print("no clustersets")
-    else:
-        out.print(clustersets_table(items))
+    _print_listing(items, output, "no clustersets", clustersets_table)
 
 
 @get_app.command("clusters")
@@ -316,12 +322,7 @@ def get_clusters(
     """List clusters (all pages), filtered."""
     filters = dict(clusterset=clusterset, state=state, env=env, cloud=cloud, region=region, cluster_type=cluster_type)
     items = _run(lambda c: c.clusters(limit=limit, **filters), _endpoints(ctx))
-    if output is Output.json:
-        _print_json(items)
-    elif not items:
-        err.print("no clusters match")
-    else:
-        out.print(clusters_table(items))
+    _print_listing(items, output, "no clusters match", clusters_table)
 
 
 # ----------------------------------------------------------------------------- watch
@@ -503,12 +504,7 @@ def rollout_list(
     """List ClusterSet rollouts and fleet rollouts (all pages)."""
     filters = dict(kind=kind.value if kind else None, clusterset=clusterset, state=state.upper() if state else None)
     items = _run(lambda c: c.rollouts(limit=limit, **filters), _endpoints(ctx))
-    if output is Output.json:
-        _print_json(items)
-    elif not items:
-        err.print("no rollouts match")
-    else:
-        out.print(rollouts_table(items))
+    _print_listing(items, output, "no rollouts match", rollouts_table)
 
 
 @rollout_app.command("get")

@@ -23,6 +23,7 @@ where the state says, creating and retiring nothing twice.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -194,7 +195,10 @@ def evolve(state: RotationState | None, env: Envelope) -> RotationState | None:
         case ClusterRetirementRequested():
             return _advance(state, p.cluster_id, "RETIRING")
         case ClusterDeprovisioned():
-            return _advance(state, p.cluster_id, "DELETED")
+            # Gone for good (ids are never reused): forgetting it keeps the state small; later facts are ignored.
+            if p.cluster_id not in state.members:
+                return state
+            return state.model_copy(update={"members": {k: m for k, m in state.members.items() if k != p.cluster_id}})
         case RolloutStarted():
             return state
         case RolloutProgressed():
@@ -260,7 +264,7 @@ def decide(state: RotationState | None, env: Envelope) -> list[Envelope]:
         state is None or state.run is None or state.run.rollout_id != p.rollout_id
     ):
         out.append(_emit(after, RolloutStarted, env, to_config_hash=p.to_config_hash, count=p.count,
-                         outdated=sorted(m.cluster_id for m in _old(after))))  # fmt: skip
+                         outdated=sorted(m.cluster_id for m in Tally.of(after).old)))  # fmt: skip
     elif isinstance(p, RolloutControlRequested):
         out += _control(after, p, env)
     elif isinstance(p, ClusterSetRetired):
@@ -291,20 +295,35 @@ def _cluster_event(state: RotationState, cls: type[ClusterEvent], cluster_id: st
     return new_event(payload, source=SOURCE, cause=cause, discriminator=cluster_id)
 
 
-def _new(state: RotationState) -> list[Member]:
-    """Members on the target config that have not been retired."""
-    assert state.run is not None
-    return [m for m in state.existing() if m.config_hash == state.run.to_config_hash and not m.leaving]
+@dataclass(frozen=True)
+class Tally:
+    """The set as the rollout sees it, counted in one pass (a step looks at it many times)."""
 
+    existing: int  # not deprovisioned yet: what counts against count + maxSurge
+    new: list[Member]  # on the target config, not on their way out
+    old: list[Member]  # still to be replaced: another config, not on their way out
+    serving: int  # READY (and so not draining): what counts against the READY floor
+    drained: list[Member]  # old ones whose drain finished, oldest first
 
-def _old(state: RotationState) -> list[Member]:
-    """Members still to be replaced: on another config, not yet on their way out."""
-    assert state.run is not None
-    return [m for m in state.existing() if m.config_hash != state.run.to_config_hash and not m.leaving]
-
-
-def _serving(state: RotationState) -> int:
-    return sum(1 for m in state.existing() if m.state == "READY")
+    @classmethod
+    def of(cls, state: RotationState) -> Tally:
+        assert state.run is not None
+        target = state.run.to_config_hash
+        existing = serving = 0
+        new: list[Member] = []
+        old: list[Member] = []
+        drained: list[Member] = []
+        for m in state.members.values():
+            if not m.exists:
+                continue
+            existing += 1
+            serving += m.state == "READY"
+            if m.leaving:
+                if m.state == "DRAINED" and m.config_hash != target:
+                    drained.append(m)
+            else:
+                (new if m.config_hash == target else old).append(m)
+        return cls(existing, new, old, serving, sorted(drained, key=lambda m: m.serial))
 
 
 _HEALTH_RANK = {"FAILED": 0, "REQUESTED": 1, "PROVISIONED": 2, "READY": 3}
@@ -324,38 +343,36 @@ def step(state: RotationState, cause: Envelope) -> list[Envelope]:
         return _roll_back(state, cause)
     if run.mode == "paused":
         return []
-    failed_new = sorted(m.cluster_id for m in _new(state) if m.state == "FAILED")
+    tally = Tally.of(state)
+    failed_new = sorted(m.cluster_id for m in tally.new if m.state == "FAILED")
     if failed_new:
         if run.strategy.on_failure == "rollback":
             return _begin_rollback(state, cause, f"new cluster(s) failed: {', '.join(failed_new)}")
         return [_emit(state, RolloutPaused, cause, reason=f"new cluster(s) failed: {', '.join(failed_new)}",
                       failed=True, cluster_ids=failed_new)]  # fmt: skip
-    timed_out = sorted(m.cluster_id for m in state.existing() if m.state == "DRAINED" and m.drain_timed_out)
+    timed_out = [m.cluster_id for m in tally.drained if m.drain_timed_out]
     if timed_out:
         return [_emit(state, RolloutPaused, cause, reason=f"drain timed out: {', '.join(timed_out)}; resume to "
                       "retire them anyway, or roll back", cluster_ids=timed_out)]  # fmt: skip
-    out: list[Envelope] = []
     # Drained old clusters are retired.
-    for m in sorted(state.existing(), key=lambda m: m.serial):
-        if m.state == "DRAINED" and m.config_hash != run.to_config_hash:
-            out.append(_retire(state, m, cause, drain=True))
+    out = [_retire(state, m, cause, drain=True) for m in tally.drained]
     replaced = run.replaced + len(out)
     if out:
         out.append(_emit(state, RolloutProgressed, cause, discriminator=f"replaced:{replaced}", replaced=replaced,
-                         remaining=len(_old(state)), batch=run.batch, ready=_serving(state),
-                         alive=len(state.existing())))  # fmt: skip
-    out += _create(state, cause)
-    out += _drain(state, cause)
-    if not out and _complete(state):
+                         remaining=len(tally.old), batch=run.batch, ready=tally.serving,
+                         alive=tally.existing))  # fmt: skip
+    out += _create(state, tally, cause)
+    out += _drain(state, tally, cause)
+    if not out and _complete(state, tally):
         out.append(_emit(state, RolloutCompleted, cause, next_serial=state.next_serial))
     return out
 
 
-def _create(state: RotationState, cause: Envelope) -> list[Envelope]:
+def _create(state: RotationState, tally: Tally, cause: Envelope) -> list[Envelope]:
     run = state.run
     assert run is not None
-    missing = run.count - len(_new(state))
-    room = run.count + run.strategy.max_surge - len(state.existing())
+    missing = run.count - len(tally.new)
+    room = run.count + run.strategy.max_surge - tally.existing
     # Whole batches, as operators run it by hand: the next one starts once the last one's old clusters are gone.
     n = min(missing, run.strategy.max_surge or run.strategy.max_unavailable)
     if n <= 0 or room < n:
@@ -371,19 +388,19 @@ def _create(state: RotationState, cause: Envelope) -> list[Envelope]:
             rollout_id=run.rollout_id,
         ), source=SOURCE, cause=cause, discriminator=cluster_id))  # fmt: skip
     out.append(_emit(state, RolloutProgressed, cause, discriminator=f"batch:{batch}", replaced=run.replaced,
-                     remaining=len(_old(state)), batch=batch, ready=_serving(state),
-                     alive=len(state.existing()) + n))  # fmt: skip
+                     remaining=len(tally.old), batch=batch, ready=tally.serving,
+                     alive=tally.existing + n))  # fmt: skip
     return out
 
 
-def _drain(state: RotationState, cause: Envelope) -> list[Envelope]:
+def _drain(state: RotationState, tally: Tally, cause: Envelope) -> list[Envelope]:
     """Retire old clusters that serve nothing; drain READY ones as far as the READY floor allows."""
     run = state.run
     assert run is not None
-    old = [m for m in replacement_order(_old(state)) if not m.protected]
+    old = [m for m in replacement_order(tally.old) if not m.protected]
     idle = [m for m in old if m.state != "READY"]
     # The floor: count - maxUnavailable clusters READY and not draining, at every instant.
-    budget = min(_serving(state) - max(0, run.count - run.strategy.max_unavailable), len(old) - len(idle))
+    budget = min(tally.serving - max(0, run.count - run.strategy.max_unavailable), len(old) - len(idle))
     out = [_retire(state, m, cause, drain=False) for m in idle]  # they serve nothing: nothing to drain
     if budget <= 0:
         return out
@@ -400,12 +417,11 @@ def _drain(state: RotationState, cause: Envelope) -> list[Envelope]:
     return out
 
 
-def _complete(state: RotationState) -> bool:
+def _complete(state: RotationState, tally: Tally) -> bool:
     run = state.run
     assert run is not None
-    new = _new(state)
-    return (not _old(state) and len(new) == run.count and all(m.state == "READY" for m in new)
-            and len(state.existing()) == run.count)  # fmt: skip
+    return (not tally.old and len(tally.new) == run.count and all(m.state == "READY" for m in tally.new)
+            and tally.existing == run.count)  # fmt: skip
 
 
 def _retire(state: RotationState, member: Member, cause: Envelope, drain: bool,
