@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.rotation.core import SOURCE, RotationState, handle
-from services.rotation.fleet_app import fleet_catalog, fleet_subscriptions, fleet_ticks
+from services.rotation.fleet_app import fleet_subscriptions, fleet_ticks
 from shared.bus import IdempotentConsumer, Outcome, Subscription
 from shared.events import (
     ClusterDeprovisioned,
@@ -71,4 +71,4 @@ def subscriptions(ctx: ServiceContext) -> Sequence[Subscription[Any]]:
     return [*set_subscriptions(), *fleet_subscriptions(ctx)]
 
 
-SPEC = ServiceSpec(name=SOURCE, subscriptions=subscriptions, background=[rollout_ticks, fleet_catalog, fleet_ticks])
+SPEC = ServiceSpec(name=SOURCE, subscriptions=subscriptions, background=[rollout_ticks, fleet_ticks])

@@ -1,7 +1,7 @@
 """The set catalog: every live ClusterSet as the planner last accepted it, for fleet rollouts to choose from.
 
-A durable consumer of ClusterSetAccepted / ClusterSetRetired on FLEET (run by `fleet_app.fleet_catalog`, with a
-ledger of its own) keeps one Redis hash, `<prefix>:rotation:catalog`, one field per set. Each write is a
+A durable consumer of ClusterSetAccepted / ClusterSetRetired on FLEET (one of `fleet_app.fleet_subscriptions`)
+keeps one Redis hash, `<prefix>:rotation:catalog`, one field per set. Each write is a
 compare-and-set on the set's generation inside Redis, so redelivery, a full replay and two replicas all converge on
 the same hash: an older generation never overwrites a newer one, and a retirement leaves a tombstone so that a
 late copy of the acceptance it retired cannot bring the set back. (The planner's generations keep counting across

@@ -5,9 +5,8 @@ Two durable consumers on the rotation service's idempotent runtime, sharing one 
 - `rotation-fleet-intents` (CLUSTERSETS, `clusterset.fleetrollout.>`): requests, approvals, controls;
 - `rotation-fleet-facts` (FLEET): the set outcomes, filed under the fleet rollout they name (others are skipped).
 
-The set catalog (catalog.py) is a third consumer, started by the background job `fleet_catalog` with a ledger of
-its own: the runtime's processed-event ledger is one per service, and the set rotation consumer also handles
-ClusterSetRetired, so on a shared ledger whichever consumer came first would hide the event from the other.
+The set catalog (catalog.py) is a third consumer. It takes ClusterSetRetired like the set rotation consumer does;
+the runtime's ledger entries are per durable consumer, so each of them handles it.
 
 Timers: a stage waiting for the previous stage's soak has no event to wake it, so `fleet_ticks` hands each
 rollout whose soak is over a local FleetRolloutTick (shared/nudges.py: id per rollout and time bucket, so
@@ -16,7 +15,6 @@ replicas ticking at once do the work once).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
@@ -30,12 +28,10 @@ from shared.events import Envelope, subjects, utcnow
 from shared.events.models import Event, FleetRolloutRequested, FleetRolloutTick
 from shared.nudges import nudge_loop
 from shared.service import ServiceContext
-from shared.store import StateStore
 
 INTENTS_DURABLE = "rotation-fleet-intents"
 FACTS_DURABLE = "rotation-fleet-facts"
 # The catalog consumer's ledger and (unused) state live apart from the rest of the service's.
-CATALOG_STORE = "rotation-catalog"
 KEY_PREFIX = "fleet:"
 # Every fleet-rollout intent subject (the per-rollout subject with its last token as a wildcard).
 INTENT_FILTER = subjects.FLEET_ROLLOUT_INTENTS
@@ -82,26 +78,13 @@ def fleet_subscriptions(ctx: ServiceContext) -> list[Subscription[Any]]:
     orch = FleetOrchestrator(set_catalog(ctx))
     facts = [subjects.fleet_filter(t.type_name()) for t in fleet.OUTCOMES]
     return [
+        # The set catalog the request is resolved against (ClusterSetAccepted / ClusterSetRetired).
+        set_catalog(ctx).subscription(),
         Subscription(durable=INTENTS_DURABLE, stream=subjects.STREAM_CLUSTERSETS, filter_subjects=[INTENT_FILTER],
                      state_model=FleetState, handle=orch.on_event, key=intent_key),  # fmt: skip
         Subscription(durable=FACTS_DURABLE, stream=subjects.STREAM_FLEET, filter_subjects=facts,
                      state_model=FleetState, handle=orch.on_event, key=fact_key),  # fmt: skip
     ]
-
-
-def catalog_consumer(ctx: ServiceContext) -> IdempotentConsumer[Any]:
-    store = StateStore(ctx.redis, ctx.settings.redis_prefix, CATALOG_STORE, ctx.settings.ledger_ttl_s)
-    return IdempotentConsumer(ctx.bus, store, ctx.name, set_catalog(ctx).subscription())
-
-
-async def fleet_catalog(ctx: ServiceContext, _consumers: Sequence[IdempotentConsumer[Any]]) -> None:
-    """Background job for the rotation ServiceSpec: runs the catalog consumer until the service stops."""
-    consumer = catalog_consumer(ctx)
-    await consumer.start()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await consumer.stop()
 
 
 def tick_for(state: FleetState, bucket: int, now: datetime | None = None) -> Event | None:

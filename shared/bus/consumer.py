@@ -234,26 +234,32 @@ class IdempotentConsumer(Generic[S]):
                 await msg.in_progress()
 
     async def _handle(self, env: Envelope, key: str) -> None:
+        entry = self.ledger_entry(env)
         for _ in range(20):
-            processed, state, version = await self.store.load_unless_processed(key, self.sub.state_model, env.id)
+            processed, state, version = await self.store.load_unless_processed(key, self.sub.state_model, entry)
             if processed:  # handled before (maybe by another replica): make sure its events went out
-                await self._flush_outbox(env.id)
+                await self._flush_outbox(entry)
                 return
             outcome = await asyncio.wait_for(
                 self.sub.handle(env, state), timeout=self.settings.handler_timeout_s
             )
-            result = await self.store.commit(key, version, outcome.state, env.id, outcome.events)
+            result = await self.store.commit(key, version, outcome.state, entry, outcome.events)
             if result is CommitResult.COMMITTED:
                 # The events are in hand: publish them without reading the outbox back.
                 if outcome.events:
                     await self.bus.publish_all(outcome.events)
-                    await self.store.clear_outbox(env.id)
+                    await self.store.clear_outbox(entry)
                 return
             if result is CommitResult.ALREADY_PROCESSED:
-                await self._flush_outbox(env.id)
+                await self._flush_outbox(entry)
                 return
             log.info("version conflict on %s, re-deciding %s", key, env.id)
         raise RetryableError(f"state of {key} kept changing under {env.id}")
+
+    def ledger_entry(self, env: Envelope) -> str:
+        """The ledger (and outbox) entry of an event for this consumer: per durable, so that two consumers of
+        one service that both take an event each handle it (replicas share the durable, so they dedup)."""
+        return f"{self.sub.durable}:{env.id}"
 
     async def _flush_outbox(self, event_id: str) -> None:
         events = await self.store.outbox(event_id)
@@ -288,10 +294,10 @@ class IdempotentConsumer(Generic[S]):
         for _ in range(20):
             state, version = await self.store.load(key, self.sub.state_model)
             outcome = await self.sub.on_exhausted(env, state, reason, error)
-            result = await self.store.commit(key, version, outcome.state, env.id, outcome.events)
+            result = await self.store.commit(key, version, outcome.state, self.ledger_entry(env), outcome.events)
             if result is not CommitResult.CONFLICT:
                 break
-        await self._flush_outbox(env.id)
+        await self._flush_outbox(self.ledger_entry(env))
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         meta_seq = ""

@@ -77,6 +77,20 @@ async def test_handler_failing_once_is_redelivered_and_succeeds(bus, redis):
     await consumer.stop()
 
 
+async def test_two_consumers_of_one_service_each_handle_an_event_they_both_take(bus, redis):
+    """Ledger entries are per durable: one consumer having handled an event does not hide it from the other."""
+    first, second = Recorder(), Recorder()
+    a = make_consumer(bus, redis, first, durable="t-a", key=lambda env: f"a:{env.subject}")
+    b = make_consumer(bus, redis, second, durable="t-b", key=lambda env: f"b:{env.subject}")
+    await a.start()
+    await b.start()
+    env = deleted("shared")
+    await bus.publish(env)
+    await wait_until(lambda: a.processed == 1 and b.processed == 1)
+    assert (await load(bus, redis, "a:shared")).seen == [env.id]
+    assert (await load(bus, redis, "b:shared")).seen == [env.id]
+
+
 async def test_duplicate_publish_and_redelivery_apply_once(bus, redis):
     rec = Recorder()
     consumer = make_consumer(bus, redis, rec)

@@ -19,7 +19,6 @@ from services.rotation.fleet import FleetState
 from services.rotation.fleet_app import (
     FACTS_DURABLE,
     INTENTS_DURABLE,
-    fleet_catalog,
     fleet_key,
     fleet_subscriptions,
     fleet_ticks_every,
@@ -129,7 +128,7 @@ async def rotation_fleet(settings: Settings, bus: Bus, failing: set[str]) -> Asy
     for c in consumers:
         await c.start()
     planner = FakePlanner(bus, failing)
-    tasks = [asyncio.create_task(job(ctx, consumers)) for job in (fleet_catalog, fleet_ticks_every(0.1))]
+    tasks = [asyncio.create_task(job(ctx, consumers)) for job in (fleet_ticks_every(0.1),)]
     tasks.append(asyncio.create_task(planner.run()))
     try:
         yield Running(ctx, consumers, planner)
@@ -165,9 +164,9 @@ async def test_a_staged_rollout_respects_order_soak_approval_and_halts_on_the_fa
         await bus.publish(accepted("core-prod-use1", cluster_type="Core"))
         await bus.publish(accepted("ms-prod-gone"))
         # The set rotation consumer of the same service handles ClusterSetRetired too (and may come first):
-        # the catalog keeps a ledger of its own, so the retirement still reaches it.
+        # ledger entries are per durable consumer, so the retirement still reaches the catalog.
         retirement = retired("ms-prod-gone", 1)
-        await run.ctx.store.commit("set:ms-prod-gone", 0, None, retirement.id, [])
+        await run.ctx.store.commit("set:ms-prod-gone", 0, None, f"rotation:{retirement.id}", [])
         await bus.publish(retirement)
         catalog = SetCatalog(redis, settings.redis_prefix)
         await wait_until(lambda: _catalog_names(catalog, {*SETS, "core-prod-use1"}))
