@@ -1,5 +1,5 @@
-"""flotilla: apply and delete ClusterSets, steer rollouts, read clustersets, clusters and rollouts, watch READY
-clusters, run the stack."""
+"""flotilla: apply and delete ClusterSets, steer rollouts, migrate and upgrade control planes, read clustersets,
+clusters, rollouts and control-plane operations, watch READY clusters, run the stack."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from shared.client import (
     InvalidRequest,
     RequestResult,
     api_url_from_settings,
+    control_plane_change,
     load_clustersets,
     load_fleet_rollout,
 )
@@ -45,6 +46,10 @@ rollout_app = typer.Typer(no_args_is_help=True,
 app.add_typer(rollout_app, name="rollout")
 fleet_app = typer.Typer(no_args_is_help=True, help="Roll one change over many ClusterSets, stage by stage.")
 app.add_typer(fleet_app, name="fleet-rollout")
+controlplane_app = typer.Typer(no_args_is_help=True,
+                               help="Migrate self-managed control planes to HA (one node to three) or upgrade them one "
+                                    "node at a time; list and read those operations.")  # fmt: skip
+app.add_typer(controlplane_app, name="controlplane")
 
 out = Console()
 err = Console(stderr=True)
@@ -384,7 +389,7 @@ def _report(result: RequestResult, label: str, wait: float) -> None:
                   "is the service running, and is there something to act on?)[/]")  # fmt: skip
         raise typer.Exit(1)
     answer = result.answer
-    if answer.type == "FleetRolloutRejected":
+    if answer.type in ("FleetRolloutRejected", "ClusterSetRejected"):
         err.print(f"[red]{escape(label)} rejected:[/]")
         _print_errors([FieldError.model_validate(e) for e in answer.data.get("errors", [])])
         raise typer.Exit(1)
@@ -589,6 +594,200 @@ for _action, _summary in (
     ("abort", "Abort a fleet rollout: no further ClusterSet is started."),
 ):
     _fleet_control_command(_action, _summary)
+
+
+# ----------------------------------------------------------------------------- control planes
+class MigrationKind(StrEnum):
+    migration = "migration"
+    upgrade = "upgrade"
+    pipeline = "pipeline"
+
+
+CLUSTER_HELP = "only this cluster; repeatable (default: every live cluster of the set)"
+CONCURRENCY_HELP = "how many clusters at a time"
+BUDGET_HELP = "halt once more than this many clusters failed"
+
+
+def _control_plane_request(ctx: typer.Context, clusterset: str, operation: str, clusters: list[str],
+                           to_version: str | None, concurrency: int, failure_budget: int,
+                           wait: float) -> None:  # fmt: skip
+    try:  # checked here too, so that bad input needs no connection and names every field
+        control_plane_change(clusterset, operation, cluster_ids=clusters, to_version=to_version,
+                             concurrency=concurrency, failure_budget=failure_budget)  # fmt: skip
+    except InvalidRequest as exc:
+        _invalid(exc)
+    label = f"control-plane {operation} of clusterset/{clusterset}"
+    result = _run(lambda c: c.request_control_plane_change(
+        clusterset, operation, cluster_ids=clusters, to_version=to_version, concurrency=concurrency,
+        failure_budget=failure_budget, wait_s=wait), _endpoints(ctx))  # fmt: skip
+    answer = result.answer
+    if answer is not None and answer.type == "ControlPlanePipelineRequested":
+        data = answer.data
+        out.print(f"{escape(label)}: pipeline {escape(str(data.get('pipeline_id')))} started over "
+                  f"{len(data.get('clusters') or [])} cluster(s), {data.get('concurrency')} at a time")  # fmt: skip
+        return
+    _report(result, label, wait)
+
+
+@controlplane_app.command("migrate")
+def controlplane_migrate(
+    ctx: typer.Context,
+    clusterset: str = typer.Argument(..., help="the ClusterSet (self-managed control planes)"),
+    clusters: list[str] = typer.Option([], "--cluster", help=CLUSTER_HELP),
+    concurrency: int = typer.Option(1, "--concurrency", help=CONCURRENCY_HELP),
+    failure_budget: int = typer.Option(0, "--failure-budget", help=BUDGET_HELP),
+    wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+) -> None:
+    """Migrate control planes from one node to three (HA): workloads keep running, clients keep their endpoint."""
+    _control_plane_request(ctx, clusterset, "migrate", clusters, None, concurrency, failure_budget, wait)
+
+
+@controlplane_app.command("upgrade")
+def controlplane_upgrade(
+    ctx: typer.Context,
+    clusterset: str = typer.Argument(..., help="the ClusterSet (self-managed control planes)"),
+    to_version: str | None = typer.Option(None, "--to-version", help="the Kubernetes version, e.g. 1.31"),
+    clusters: list[str] = typer.Option([], "--cluster", help=CLUSTER_HELP),
+    concurrency: int = typer.Option(1, "--concurrency", help=CONCURRENCY_HELP),
+    failure_budget: int = typer.Option(0, "--failure-budget", help=BUDGET_HELP),
+    wait: float = typer.Option(0, "--wait", min=0, help=WAIT_HELP),
+) -> None:
+    """Upgrade control planes one node at a time; a node failing its checks is rolled back and the upgrade halts."""
+    _control_plane_request(ctx, clusterset, "upgrade", clusters, to_version, concurrency, failure_budget, wait)
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return ""
+    if seconds < 120:
+        return f"{seconds:.3g}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def _pct(value: Any) -> str:
+    return f"{value:g}%" if isinstance(value, int | float) else ""
+
+
+def _migration_progress(item: dict[str, Any]) -> tuple[str, str]:
+    """(SCOPE, PROGRESS) columns of a migration, an upgrade or a pipeline."""
+    if item.get("kind") == "pipeline":
+        counts = item.get("counts") or {}
+        total = sum(counts.values())
+        parts = [f"{item.get('succeeded', 0)}/{total} succeeded"]
+        parts += [f"{item[k]} {word}" for k, word in (("failed", "failed"), ("inFlight", "in flight"),
+                                                      ("pending", "pending")) if item.get(k)]  # fmt: skip
+        return str(item.get("clusterset") or ""), ", ".join(parts)
+    where = f"phase {item['phase']}" if item.get("phase") is not None else str(item.get("node") or "")
+    step = " ".join(x for x in (where, str(item.get("step") or "")) if x)
+    return str(item.get("clusterId") or ""), step
+
+
+def migrations_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("ID", "KIND", "SCOPE", "STATE", "PROGRESS", "VERSION", "AVAILABILITY", "DURATION", "UPDATED"):
+        table.add_column(col, no_wrap=col != "PROGRESS", overflow="fold")
+    for item in items:
+        scope, progress = _migration_progress(item)
+        table.add_row(
+            str(item.get("id", "")), str(item.get("kind", "")), scope, _styled(str(item.get("state", ""))),
+            escape(progress), str(item.get("toVersion") or ""), _pct(item.get("availabilityPct")),
+            _duration(item.get("durationS")), str(item.get("updatedAt") or ""),
+        )  # fmt: skip
+    return table
+
+
+def availability_line(availability: dict[str, Any]) -> str:
+    """What the prober saw, in one line."""
+    line = (f"availability: {_pct(availability.get('availabilityPct'))} of {availability.get('requests')} requests "
+            f"succeeded ({availability.get('succeeded')}), longest downtime "
+            f"{_duration(availability.get('downtimeS')) or '?'}")  # fmt: skip
+    if availability.get("requestsWithoutQuorum"):
+        line += (f"; without quorum {availability.get('succeededWithoutQuorum', 0)}/"
+                 f"{availability['requestsWithoutQuorum']} succeeded")  # fmt: skip
+    return line
+
+
+def _migration_detail(item: dict[str, Any]) -> None:
+    """One operation for people: the listing row, what happened to it, its step timeline and availability; or one
+    pipeline with its clusters."""
+    out.print(migrations_table([item]))
+    if item.get("kind") == "pipeline":
+        if item.get("halted"):
+            out.print(f"[red]halted:[/] {escape(str(item['halted'].get('reason')))}")
+        clusters = Table(title="clusters", box=None, header_style="bold", pad_edge=False, title_justify="left")
+        for col in ("CLUSTER", "STATE", "OPERATION", "OPERATION STATE", "STARTED", "FINISHED"):
+            clusters.add_column(col, overflow="fold")
+        for entry in item.get("clusters") or []:
+            clusters.add_row(str(entry.get("clusterId")), _styled(str(entry.get("state"))),
+                             str(entry.get("operationId") or ""), _styled(str(entry.get("operationState") or "")),
+                             str(entry.get("startedAt") or ""), str(entry.get("finishedAt") or ""))  # fmt: skip
+        out.print(clusters)
+        return
+    facts = [("cluster", item.get("clusterId")), ("clusterset", item.get("clusterset")),
+             ("pipeline", item.get("pipelineId")), ("members", " ".join(item.get("members") or [])),
+             ("nodes", " ".join(item.get("nodes") or [])), ("requested", item.get("requestedAt")),
+             ("ended", item.get("completedAt"))]  # fmt: skip
+    out.print("  ".join(f"[bold]{k}:[/] {escape(str(v))}" for k, v in facts if v))
+    failure = item.get("failure")
+    if failure:
+        where = " ".join(x for x in (f"step {failure.get('step')}" if failure.get("step") else "",
+                                     f"node {failure.get('node')}" if failure.get("node") else "") if x)  # fmt: skip
+        outcome = "rolled back" if failure.get("rolledBack") else "rolling back" if failure.get("rollingBack") \
+            else "stopped: needs an operator"
+        out.print(f"[red]failed[/] at {escape(where or '?')}: {escape(str(failure.get('reason')))} ({outcome})")
+    timeline = Table(title="timeline", box=None, header_style="bold", pad_edge=False, title_justify="left")
+    for col in ("#", "PHASE/NODE", "STEP", "", "STARTED", "COMPLETED", "TOOK", "DETAIL"):
+        timeline.add_column(col, overflow="fold", no_wrap=col != "DETAIL")
+    for i, t in enumerate(item.get("timeline") or [], 1):
+        where = str(t["phase"]) if t.get("phase") is not None else str(t.get("node") or "")
+        detail = json.dumps(t.get("detail"), sort_keys=True, separators=(",", ":")) if t.get("detail") else ""
+        timeline.add_row(str(i), where, str(t.get("step")), "[yellow]rollback[/]" if t.get("rollback") else "",
+                         str(t.get("startedAt") or ""), str(t.get("completedAt") or ""), _duration(t.get("durationS")),
+                         escape(detail))  # fmt: skip
+    out.print(timeline)
+    if item.get("availability"):
+        out.print(escape(availability_line(item["availability"])))
+    elif item.get("availabilityPct") is not None:
+        out.print(f"availability: {_pct(item['availabilityPct'])}")
+    if item.get("durationS") is not None:
+        out.print(f"duration: {_duration(item['durationS'])}")
+
+
+@controlplane_app.command("list")
+def controlplane_list(
+    ctx: typer.Context,
+    kind: MigrationKind | None = typer.Option(None, "--kind", case_sensitive=False,
+                                              help="migration, upgrade or pipeline"),
+    clusterset: str | None = typer.Option(None, "--clusterset", help="only this ClusterSet"),
+    cluster: str | None = typer.Option(None, "--cluster", help="this cluster's operations and the pipelines over it"),
+    state: str | None = typer.Option(None, "--state", help="e.g. IN_PROGRESS, ROLLED_BACK, FAILED, HALTED"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:  # fmt: skip
+    """List control-plane migrations, upgrades and their pipelines (all pages)."""
+    filters = dict(kind=kind.value if kind else None, clusterset=clusterset, cluster=cluster,
+                   state=state.upper() if state else None)  # fmt: skip
+    items = _run(lambda c: c.migrations(limit=limit, **filters), _endpoints(ctx))
+    _print_listing(items, output, "no control-plane operations match", migrations_table)
+
+
+@controlplane_app.command("get")
+def controlplane_get(
+    ctx: typer.Context,
+    migration_id: str = typer.Argument(..., help="an operation id or a pipeline id"),
+    kind: MigrationKind | None = typer.Option(None, "--kind", case_sensitive=False, help="if the id names both"),
+    output: Output = typer.Option(Output.table, "-o", "--output", case_sensitive=False),
+) -> None:
+    """Show one migration or upgrade (step timeline, failure, availability, duration) or one pipeline (clusters)."""
+    item = _run(lambda c: c.migration(migration_id, kind=kind.value if kind else None), _endpoints(ctx))
+    if item is None:
+        err.print(f"[red]error:[/] control-plane operation {escape(migration_id)!r} not found")
+        raise typer.Exit(1)
+    if output is Output.json:
+        _print_json(item)
+    else:
+        _migration_detail(item)
 
 
 # ----------------------------------------------------------------------------- up

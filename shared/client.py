@@ -1,9 +1,9 @@
-"""The Python client for Flotilla users: apply / delete ClusterSets, steer rollouts, read the status API, watch
-READY clusters.
+"""The Python client for Flotilla users: apply / delete ClusterSets, steer rollouts, request control-plane
+migrations and upgrades, read the status API, watch READY clusters.
 
 Writes go through the bus (intent events on CLUSTERSETS, answered by the planner, rotation or the fleet
-orchestrator on FLEET); reads go through the status_projector's HTTP API. The CLI (shared/cli.py) is a thin
-layer on top.
+orchestrator on FLEET); reads go through the status_projector's HTTP API. The CLI
+(shared/cli.py) is a thin layer on top.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import yaml
 from nats.aio.msg import Msg
 from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.alias_generators import to_camel, to_snake
 
 from shared.bus import Bus
 from shared.config import Settings
 from shared.events import Envelope, FieldError, new_event, subjects
-from shared.events.clusterset import ClusterSpec
+from shared.events.clusterset import ClusterSpec, Name
 from shared.events.factory import payload_as
 from shared.events.models import (
     ClusterProtectionChanged,
@@ -42,6 +42,8 @@ from shared.events.models import (
     ClusterSetDeleted,
     ClusterSetRejected,
     ClusterSetRetired,
+    ControlPlaneChangeRequested,
+    ControlPlanePipelineRequested,
     Event,
     FleetRolloutAborted,
     FleetRolloutApproved,
@@ -222,6 +224,12 @@ FLEET_ANSWERS: dict[str, list[str]] = {
     "abort": [FleetRolloutAborted.type_name()],
 }
 ROLLOUT_KINDS = ("clusterset", "fleet")
+# The planner answers a control-plane change request with the pipeline it starts over the clusters, or refuses it
+# (unknown set, not self-managed, already HA, clusters not in the set, a rollout or pipeline running).
+CONTROLPLANE_ANSWERS = [ControlPlanePipelineRequested.type_name(), ClusterSetRejected.type_name()]
+CONTROLPLANE_OPERATIONS = ("migrate", "upgrade")
+MIGRATION_KINDS = ("migration", "upgrade", "pipeline")
+_SET_NAME: TypeAdapter[str] = TypeAdapter(Name)
 
 # ----------------------------------------------------------------------------- fleet rollout files
 # Nested objects of a FleetRolloutRequested whose keys users may write in camelCase. `patch` is not one of them:
@@ -329,6 +337,42 @@ def _intent(cls: type[Event], what: str, **fields: Any) -> Event:
         errors = [FieldError(field=_spell(tuple(e["loc"]), {}), message=e["msg"])
                   for e in exc.errors(include_url=False)]  # fmt: skip
         raise InvalidRequest(what, errors) from None
+
+
+def control_plane_change(clusterset: str, operation: str, *, cluster_ids: Iterable[str] = (),
+                         to_version: str | None = None, concurrency: int = 1,
+                         failure_budget: int = 0) -> ControlPlaneChangeRequested:  # fmt: skip
+    """A control-plane change request, or InvalidRequest naming every bad field (nothing is published then).
+
+    Beyond the event's own constraints: the set must be a ClusterSet name, an upgrade needs `to_version` and a
+    migration takes none (it keeps the version), and cluster ids are non-empty and given once.
+    """
+    ids = list(cluster_ids)
+    errors: list[FieldError] = []
+    try:
+        _SET_NAME.validate_python(clusterset)
+    except ValidationError:
+        errors.append(FieldError(field="clusterset", message="must be a ClusterSet name (lowercase letters, digits "
+                                                             "and '-', at most 58)"))  # fmt: skip
+    if operation == "upgrade" and not to_version:
+        errors.append(FieldError(field="toVersion", message="an upgrade needs the version to go to, e.g. 1.31"))
+    elif operation == "migrate" and to_version:
+        errors.append(FieldError(field="toVersion", message="a migration keeps the version; upgrade separately"))
+    for i, cid in enumerate(ids):
+        if not cid.strip():
+            errors.append(FieldError(field=f"clusterIds[{i}]", message="is empty"))
+        elif cid in ids[:i]:
+            errors.append(FieldError(field=f"clusterIds[{i}]", message=f"{cid!r} given twice"))
+    try:
+        request = ControlPlaneChangeRequested.model_validate({
+            "clusterset": clusterset, "operation": operation, "cluster_ids": ids, "to_version": to_version or None,
+            "concurrency": concurrency, "failure_budget": failure_budget})  # fmt: skip
+    except ValidationError as exc:
+        errors += [FieldError(field=_spell(tuple(e["loc"]), {}), message=e["msg"])
+                   for e in exc.errors(include_url=False)]  # fmt: skip
+    if errors:
+        raise InvalidRequest(f"control-plane {operation} request", errors)
+    return request
 
 
 def api_url_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
@@ -545,6 +589,22 @@ class FlotillaClient:
                           action=action, reason=reason)  # fmt: skip
         return await self._intent_request(payload, FLEET_ANSWERS.get(action, []), wait_s)
 
+    async def request_control_plane_change(self, clusterset: str, operation: str, *,
+                                           cluster_ids: Iterable[str] = (), to_version: str | None = None,
+                                           concurrency: int = 1, failure_budget: int = 0,
+                                           wait_s: float = 0) -> RequestResult:  # fmt: skip
+        """Ask etcd_migration to migrate (one node to three) or upgrade the control planes of a set's clusters (all
+        of its live ones unless `cluster_ids` names some), `concurrency` at a time, halting once more than
+        `failure_budget` failed.
+
+        With wait_s > 0, waits for the planner's answer: the ControlPlanePipelineRequested that starts the work, or
+        a ClusterSetRejected naming what it refused. Raises InvalidRequest (nothing published) naming every bad
+        field.
+        """
+        payload = control_plane_change(clusterset, operation, cluster_ids=cluster_ids, to_version=to_version,
+                                       concurrency=concurrency, failure_budget=failure_budget)  # fmt: skip
+        return await self._intent_request(payload, CONTROLPLANE_ANSWERS, wait_s)
+
     async def watch_ready_events(
         self, cloud: str | None = None, region: str | None = None, cluster_type: str | None = None,
         since_start: bool = False,
@@ -670,6 +730,24 @@ class FlotillaClient:
         """One rollout of either kind, in full; None when unknown."""
         try:
             return await self._get(f"/v1/rollouts/{rollout_id}", {"kind": kind})
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def migrations(self, kind: str | None = None, clusterset: str | None = None, cluster: str | None = None,
+                         state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Control-plane migrations, upgrades and their pipelines (kind: migration, upgrade or pipeline), all
+        pages; listings leave out the step timelines and per-cluster entries."""
+        if kind is not None and kind not in MIGRATION_KINDS:
+            raise TypeError(f"unknown migration kind {kind!r} (known: {', '.join(MIGRATION_KINDS)})")
+        return await self._paged("/v1/migrations", {"kind": kind, "clusterset": clusterset, "cluster": cluster,
+                                                    "state": state}, limit=limit)  # fmt: skip
+
+    async def migration(self, migration_id: str, kind: str | None = None) -> dict[str, Any] | None:
+        """One migration or upgrade (by operation id) or pipeline (by pipeline id), in full; None when unknown."""
+        try:
+            return await self._get(f"/v1/migrations/{migration_id}", {"kind": kind})
         except ApiError as exc:
             if exc.status == 404:
                 return None

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # The installer's periodic pass over its clusters: retry retryable failures, correct drift.
     installer_reconcile_interval_s: float = Field(default=300.0, gt=0)
     installer_reconcile_batch: int = Field(default=200, ge=1, le=100_000)
+    # Where self-managed control planes run: real etcd processes on this machine (`local`).
+    controlplane_driver: Literal["local"] = "local"
+    # The local driver's machines: one directory per cluster (etcd data, pid files, load-balancer config).
+    controlplane_state_dir: str = ".run/controlplanes"
+    # How often the availability prober sends a write and a read through the control plane's endpoint.
+    controlplane_probe_interval_s: float = Field(default=0.05, gt=0, le=60)
 
     otel_console: bool = False
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")

@@ -23,6 +23,12 @@ from shared.events import (
     RolloutRolledBack,
     subjects,
 )  # fmt: skip
+from shared.events.models import (
+    ControlPlaneMigrationCompleted,
+    ControlPlanePipelineCompleted,
+    ControlPlanePipelineHalted,
+    ControlPlaneUpgradeCompleted,
+)
 from shared.service import ServiceContext, ServiceSpec
 
 # The facts that change which clusters are safest to retire, when a member is gone, let an in-place update
@@ -30,7 +36,8 @@ from shared.service import ServiceContext, ServiceSpec
 # the whole set's state. A fleet rollout's patch arrives as a fact too.
 FACTS = (ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDeprovisioned, ClusterRequested,
          ClusterRetirementRequested, RolloutCompleted, RolloutAborted, RolloutRolledBack,
-         ClusterSetPatchRequested)  # fmt: skip
+         ClusterSetPatchRequested, ControlPlanePipelineCompleted, ControlPlanePipelineHalted,
+         ControlPlaneMigrationCompleted, ControlPlaneUpgradeCompleted)  # fmt: skip
 
 
 def intent_key(env: Envelope) -> str:

@@ -46,7 +46,14 @@ from shared.events.models import (
     ClusterSetPatchRequested,
     ClusterSetUpdateFailed,
     ClusterUpdateRequested,
+    ControlPlaneChangeRequested,
+    ControlPlaneMigrationCompleted,
+    ControlPlanePipelineCompleted,
+    ControlPlanePipelineHalted,
+    ControlPlanePipelineRequested,
+    ControlPlaneUpgradeCompleted,
     Event,
+    PipelineCluster,
     RolloutAborted,
     RolloutCompleted,
     RolloutMember,
@@ -91,6 +98,8 @@ class PlannerState(BaseModel):
     specs: dict[str, ClusterSpec] = {}
     # The rotation running on the set: while set, the planner neither scales nor updates in place.
     rollout_id: str | None = None
+    # The control-plane pipeline (migration to HA, or upgrade) running on the set: like a rollout, it owns the set.
+    pipeline_id: str | None = None
     # The fleet rollout whose patch made the current generation (reported back when the set converges).
     fleet_rollout_id: str | None = None
     converged: str | None = None  # "<generation>:<fleet rollout id>" last reported converged
@@ -177,6 +186,15 @@ def evolve(state: PlannerState | None, env: Envelope) -> PlannerState | None:
             if state.rollout_id == payload.rollout_id:
                 update["rollout_id"] = None
             return state.model_copy(update=update)
+        case ControlPlanePipelineRequested():
+            return state.model_copy(update={"pipeline_id": payload.pipeline_id})
+        case ControlPlanePipelineCompleted() | ControlPlanePipelineHalted():
+            return state.model_copy(update={"pipeline_id": None}) if state.pipeline_id == payload.pipeline_id else state
+        case ControlPlaneMigrationCompleted() | ControlPlaneUpgradeCompleted():
+            # The cluster's control plane now matches that config (the other fields did not change).
+            if not payload.config_hash:
+                return state
+            return _update_member(state, payload.cluster_id, config_hash=payload.config_hash)
         case ClusterSetConverged():
             return state.model_copy(update={"converged": _converged_marker(payload.generation,
                                                                            payload.fleet_rollout_id)})  # fmt: skip
@@ -229,6 +247,8 @@ def decide(state: PlannerState | None, env: Envelope) -> list[Envelope]:
         return _decide_protection(state, env)
     if env.type == ClusterSetPatchRequested.type_name():
         return _decide_patch(state, env)
+    if env.type == ControlPlaneChangeRequested.type_name():
+        return _decide_control_plane_change(state, env)
     # A lifecycle fact: it may let an in-place update move on, end a rollout or complete the set.
     after = evolve(state, env)
     if after is None or after == state or after.location is None:
@@ -285,7 +305,7 @@ def _decide_apply(state: PlannerState | None, document: Any, env: Envelope,
     refusals += [refusal] if refusal else []
     if refusals:
         return [_rejected(env, document, refusals, fleet_rollout_id)]
-    return [accepted, *_start_rotation(after, env), *reconcile(after, env)]
+    return [accepted, *_start_rotation(after, env), *_start_control_plane(after, changes, env), *reconcile(after, env)]
 
 
 def _update_refusals(state: PlannerState, changes: list[rules.Change], cs: ClusterSet) -> list[FieldError]:
@@ -296,6 +316,18 @@ def _update_refusals(state: PlannerState, changes: list[rules.Change], cs: Clust
         return [FieldError(field=f"spec.{c.field}", message=(
             f"rollout {state.rollout_id} is running on this ClusterSet; let it finish, or abort or roll it back "
             "(flotilla rollout abort|rollback) before changing the spec")) for c in changes]  # fmt: skip
+    if state.pipeline_id:
+        return [FieldError(field=f"spec.{c.field}", message=(
+            f"control-plane pipeline {state.pipeline_id} is running on this ClusterSet; change the spec once it "
+            "has finished")) for c in changes]  # fmt: skip
+    control = [c for c in changes if c.kind == "control-plane"]
+    if control and len(control) != len(changes):
+        return [FieldError(field=f"spec.{c.field}", message=(
+            "a control-plane change (controlPlane.ha, or the version of a self-managed control plane) goes on "
+            "its own: apply it first, then the other changes")) for c in changes if c.kind != "control-plane"]
+    if any(c.field == "controlPlane.ha" for c in control) and not cs.spec.control_plane.ha:
+        return [FieldError(field="spec.controlPlane.ha", message=(
+            "going back from three control-plane nodes to one is not supported"))]
     rotation = [c for c in changes if c.kind == "rotation"]
     if rotation and cs.spec.update_strategy.type == "in-place":
         return [FieldError(field=f"spec.{c.field}", message=(
@@ -419,7 +451,7 @@ def reconcile(state: PlannerState, cause: Envelope) -> list[Envelope]:
     """What brings the set towards its spec now: scaling, in-place updates, or reporting it converged.
 
     While a rotation runs, it owns the membership: nothing here (a count change waits for its end)."""
-    if state.rollout_id or state.location is None:
+    if state.rollout_id or state.pipeline_id or state.location is None:
         return []
     alive = state.alive()
     if len(alive) < state.count:
@@ -510,6 +542,61 @@ def _start_rotation(state: PlannerState, cause: Envelope) -> list[Envelope]:
                                protected=m.protected) for m in alive],
     ), source=SOURCE, cause=cause)  # fmt: skip
     return [rollout]
+
+
+def _start_control_plane(state: PlannerState, changes: list[rules.Change], cause: Envelope) -> list[Envelope]:
+    """A control-plane change becomes a pipeline over the set's live clusters (etcd_migration runs it)."""
+    operation = rules.control_plane_operation(changes)
+    if operation is None or state.deleted or state.location is None or state.spec is None:
+        return []
+    members = sorted(state.alive(), key=lambda m: m.serial)
+    return [_pipeline(state, operation, members, cause, config_hash=state.config_hash)] if members else []
+
+
+def _pipeline(state: PlannerState, operation: str, members: list[Member], cause: Envelope, config_hash: str | None,
+              concurrency: int | None = None, failure_budget: int = 0, to_version: str | None = None
+              ) -> Envelope:  # fmt: skip
+    assert state.location and state.spec and state.update_strategy
+    pipeline_id = f"{state.name}-cp{state.generation}-{derive_id(cause.id, 'pipeline', state.name)[:4]}"
+    return new_event(ControlPlanePipelineRequested(
+        clusterset=state.name, location=state.location, pipeline_id=pipeline_id,
+        operation=operation,  # type: ignore[arg-type]
+        clusters=[PipelineCluster(cluster_id=m.cluster_id, clusterset=state.name, location=state.location)
+                  for m in members],
+        to_version=(to_version or state.spec.kubernetes_version) if operation == "upgrade" else None,
+        kubernetes_version=state.spec.kubernetes_version, config_hash=config_hash,
+        concurrency=concurrency or max(1, state.update_strategy.max_unavailable), failure_budget=failure_budget,
+    ), source=SOURCE, cause=cause)  # fmt: skip
+
+
+def _decide_control_plane_change(state: PlannerState | None, env: Envelope) -> list[Envelope]:
+    """An operator's request for some clusters of a set (CLI): checked here, run as a pipeline."""
+    payload = _payload(env)
+    assert isinstance(payload, ControlPlaneChangeRequested)
+    errors: list[FieldError] = []
+    if state is None or state.deleted or state.location is None or state.spec is None:
+        errors.append(FieldError(field="clusterset", message=f"ClusterSet {payload.clusterset} does not exist"))
+    else:
+        if state.spec.control_plane.mode != "self-managed":
+            errors.append(FieldError(field="operation", message="only self-managed control planes are operated on"))
+        if payload.operation == "migrate" and state.spec.control_plane.ha:
+            errors.append(FieldError(field="operation", message="the set's control planes are HA already"))
+        if payload.operation == "upgrade" and not payload.to_version:
+            errors.append(FieldError(field="toVersion", message="an upgrade needs the version to go to"))
+        unknown = [c for c in payload.cluster_ids if c not in {m.cluster_id for m in state.alive()}]
+        if unknown:
+            errors.append(FieldError(field="clusterIds", message=f"not live clusters of the set: {', '.join(unknown)}"))
+        if state.rollout_id or state.pipeline_id:
+            errors.append(FieldError(field="clusterset", message="a rollout or pipeline is running on the set"))
+    if errors:
+        cloud, region = (state.location.cloud, state.location.region) if state and state.location else (None, None)
+        return [new_event(ClusterSetRejected(clusterset=payload.clusterset, cloud=cloud, region=region,
+                                             errors=errors), source=SOURCE, cause=env)]  # fmt: skip
+    assert state is not None
+    chosen = set(payload.cluster_ids)
+    members = [m for m in sorted(state.alive(), key=lambda m: m.serial) if not chosen or m.cluster_id in chosen]
+    return [_pipeline(state, payload.operation, members, env, config_hash=None, concurrency=payload.concurrency,
+                      failure_budget=payload.failure_budget, to_version=payload.to_version)]  # fmt: skip
 
 
 def _update(state: PlannerState, member: Member, changes: list[rules.Change], cause: Envelope) -> Envelope:

@@ -26,6 +26,8 @@ class Rule:
 # One row per spec field (node pool fields per pool). Order is the README's table order.
 RULES: tuple[Rule, ...] = (
     Rule("kubernetesVersion", "rotation", "a minor version is a new control plane and node image"),
+    Rule("kubernetesVersion (self-managed)", "control-plane",
+         "a control plane we run is upgraded one node at a time, keeping quorum (etcd_migration)"),
     Rule("features", "rotation", "networking and isolation features are fixed when a cluster is created"),
     Rule("network", "rotation", "a cluster cannot move to another network"),
     Rule("controlPlane.mode", "rotation", "managed and self-managed control planes are different clusters"),
@@ -73,8 +75,11 @@ def _pool_changes(old: NodePool, new: NodePool) -> list[Change]:
 def diff(old: ClusterSpec, new: ClusterSpec) -> list[Change]:
     """Every changed field between two cluster specs, with the rule that applies to it."""
     changes: list[Change] = []
+    self_managed = old.control_plane.mode == new.control_plane.mode == "self-managed"
+    if old.kubernetes_version != new.kubernetes_version:
+        version_rule = "kubernetesVersion (self-managed)" if self_managed else "kubernetesVersion"
+        changes.append(Change("kubernetesVersion", RULE_BY_FIELD[version_rule]))
     simple = {
-        "kubernetesVersion": (old.kubernetes_version, new.kubernetes_version),
         "features": (sorted(old.features), sorted(new.features)),
         "network": (_dump(old.network), _dump(new.network)),
         "controlPlane.mode": (old.control_plane.mode, new.control_plane.mode),
@@ -93,6 +98,14 @@ def diff(old: ClusterSpec, new: ClusterSpec) -> list[Change]:
         changes.extend(_pool_changes(old_pools[name], new_pools[name]))
     order = {r.field: i for i, r in enumerate(RULES)}
     return sorted(changes, key=lambda c: (order[c.rule.field], c.field))
+
+
+def control_plane_operation(changes: list[Change]) -> str | None:
+    """`migrate` (one node to three) or `upgrade` when the changes are a control-plane operation."""
+    kinds = {c.rule.field for c in changes if c.kind == "control-plane"}
+    if "controlPlane.ha" in kinds:
+        return "migrate"
+    return "upgrade" if kinds else None
 
 
 def needs_rotation(changes: list[Change]) -> bool:

@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException
 
+from services.status_projector import controlplane as cp
 from services.status_projector import render, schemas
 from services.status_projector import rollouts as ro
 from services.status_projector.projector import Projector
@@ -44,6 +45,7 @@ SET_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV = r"^[a-z0-9][-a-z0-9]{0,30}$"
 REGION = r"^[a-z0-9][-a-z0-9]{1,39}$"
 CLUSTER_TYPE = r"^[A-Za-z][A-Za-z0-9-]{0,62}$"
+CLUSTER_ID = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class JSON(Response):
@@ -146,7 +148,8 @@ def create_app(
     app = FastAPI(
         title="Flotilla status API",
         version="1",
-        description="Read models of the fleet (cluster sets, clusters, rollouts, their history) and cluster discovery.",
+        description="Read models of the fleet (cluster sets, clusters, rollouts, control-plane migrations, their "
+                    "history) and cluster discovery.",
         lifespan=lifespan,
         default_response_class=JSON,
     )
@@ -353,6 +356,53 @@ def create_app(
         if len(docs) > 1:
             raise HTTPException(status_code=409, detail=f"{rollout_id!r} names a clusterset rollout and a fleet "
                                                         "rollout: add ?kind=clusterset or ?kind=fleet")  # fmt: skip
+        return JSON(docs[0])
+
+    # ------------------------------------------------------------------ control-plane migrations and upgrades
+    @app.get("/v1/migrations", responses={200: {"model": schemas.MigrationPage}, **_ERRORS}, tags=["migrations"],
+             dependencies=[only_params("kind", "clusterset", "cluster", "state", "limit", "cursor",
+                                       "continue")])  # fmt: skip
+    async def list_migrations(
+        views: Reader,
+        kind: Annotated[schemas.MigrationKindName | None, Query(description="migration, upgrade or pipeline")] = None,
+        clusterset: Annotated[str | None, Query(pattern=SET_NAME, max_length=58)] = None,
+        cluster: Annotated[str | None, Query(pattern=CLUSTER_ID, max_length=128,
+                                             description="its operations, and the pipelines that cover it")] = None,
+        state: Annotated[schemas.MigrationStateName | None, Query()] = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+        continue_: Continue = None,
+    ) -> JSON:  # fmt: skip
+        """Control-plane migrations and upgrades (one per cluster operation) and their pipelines, told apart by
+        `kind`, sorted by id, paginated.
+
+        Listings leave out the step timeline and the per-cluster entries: GET /v1/migrations/{id} has them.
+        """
+        filters = {"kind": kind, "clusterset": clusterset, "cluster": cluster, "state": state}
+        after = _decode(_cursor(cursor, continue_), "m")
+        members, last = page_after(await views.migration_members({k: v for k, v in filters.items() if v}), after,
+                                   limit)  # fmt: skip
+        items = [render.migration_listing(d) for d in await views.migrations(members)]
+        return JSON({"items": items, "next": encode_cursor("m", last) if last else None})
+
+    @app.get("/v1/migrations/{migration_id}",
+             responses={200: {"model": schemas.MigrationDetail}, 409: {"model": schemas.ErrorBody,
+                                                                       "description": "the id names both kinds"},
+                        **_ERRORS},
+             tags=["migrations"], dependencies=[only_params("kind")])  # fmt: skip
+    async def get_migration(
+        views: Reader,
+        migration_id: Annotated[str, Path(max_length=256, description="an operation id or a pipeline id")],
+        kind: Annotated[schemas.MigrationKindName | None, Query(description="only needed if the id names both")] = None,
+    ) -> JSON:
+        """One migration or upgrade with its step timeline, failure, availability and duration; or one pipeline
+        with its clusters."""
+        docs = await views.migration(migration_id, [kind] if kind else list(cp.KINDS))
+        if not docs:
+            raise _not_found(f"migration {migration_id!r}")
+        if len(docs) > 1:
+            raise HTTPException(status_code=409, detail=f"{migration_id!r} names an operation and a pipeline: add "
+                                                        "?kind=pipeline or the operation's kind")  # fmt: skip
         return JSON(docs[0])
 
     return app

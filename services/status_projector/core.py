@@ -17,8 +17,9 @@ Cluster state machine (ARCHITECTURE.md), with guards:
 
 One event may change several documents: a surge cluster's ClusterRequested changes the cluster and
 its rollout; a RolloutProgressed of a fleet rollout's set changes the set, the set's rollout and the
-fleet rollout. `touched` names them all, so that the projector loads each before applying a batch;
-the rollout documents themselves are built in rollouts.py.
+fleet rollout; a control-plane step of a pipeline's cluster changes the operation, the cluster and the
+pipeline. `touched` names them all, so that the projector loads each before applying a batch; the
+rollout documents themselves are built in rollouts.py, the control-plane ones in controlplane.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.status_projector import controlplane as cp
 from services.status_projector import rollouts as ro
 from services.status_projector.docs import Doc, camel, canonical, fill_defaults, stamp, ts
 from shared.catalog import CATALOG
@@ -85,7 +87,8 @@ class Views:
     and keep everything. `history` holds the entries appended (all of them when starting empty), keyed
     "cluster:<id>" / "clusterset:<name>". `applied` maps event id → the stream sequence that applied it
     (the projector preloads the ids of the batch that are already known). `rollouts` are ClusterSet
-    rollouts by rollout id, `fleet_rollouts` fleet rollouts by their id.
+    rollouts by rollout id, `fleet_rollouts` fleet rollouts by their id, `cp_operations` control-plane
+    migrations and upgrades by operation id, `cp_pipelines` their pipelines by pipeline id.
     """
 
     clusters: dict[str, Doc] = field(default_factory=dict)
@@ -94,6 +97,8 @@ class Views:
     applied: dict[str, int] = field(default_factory=dict)
     rollouts: dict[str, Doc] = field(default_factory=dict)
     fleet_rollouts: dict[str, Doc] = field(default_factory=dict)
+    cp_operations: dict[str, Doc] = field(default_factory=dict)
+    cp_pipelines: dict[str, Doc] = field(default_factory=dict)
 
     def dump(self) -> dict[str, str]:
         """Everything as canonical JSON, keyed like the Redis layout (for equality checks in tests)."""
@@ -106,6 +111,10 @@ class Views:
             out[f"rollout:{rid}"] = canonical(doc)
         for rid, doc in self.fleet_rollouts.items():
             out[f"fleetrollout:{rid}"] = canonical(doc)
+        for oid, doc in self.cp_operations.items():
+            out[f"migration:{oid}"] = canonical(doc)
+        for pid, doc in self.cp_pipelines.items():
+            out[f"migrationpipeline:{pid}"] = canonical(doc)
         for key, entries in self.history.items():
             out[f"history:{key}"] = "[" + ",".join(canonical(e) for e in entries) + "]"
         out["applied"] = canonical({eid: str(seq) for eid, seq in self.applied.items()})  # as Redis hashes hold it
@@ -120,6 +129,8 @@ class Touch:
     clusterset: str | None = None
     rollout: str | None = None
     fleet_rollout: str | None = None
+    operation: str | None = None
+    pipeline: str | None = None
 
 
 def _str(value: Any) -> str | None:
@@ -130,16 +141,18 @@ def touched(env: Envelope) -> Touch:
     """The documents an envelope may change, read from raw data without decoding.
 
     A cluster fact changes the cluster's document only (never its set's); a rollout id or fleet rollout
-    id on a set or cluster fact also names that rollout's document. Over-naming is harmless (a document
-    that does not change is not written); under-naming would lose an update, so this follows the data
-    fields every handler reads.
+    id on a set or cluster fact also names that rollout's document, an operation id or pipeline id the
+    control-plane operation's or pipeline's. Over-naming is harmless (a document that does not change
+    is not written); under-naming would lose an update, so this follows the data fields every handler
+    reads.
     """
     data = env.data
     if env.type in _FLEET_ROLLOUT_TYPES:  # their rollout_id is the fleet rollout's (and clusterset is an entry)
         return Touch(fleet_rollout=_str(data.get("rollout_id")))
     cid = _str(data.get("cluster_id"))
     return Touch(cluster=cid, clusterset=None if cid else _str(data.get("clusterset")),
-                 rollout=_str(data.get("rollout_id")), fleet_rollout=_str(data.get("fleet_rollout_id")))  # fmt: skip
+                 rollout=_str(data.get("rollout_id")), fleet_rollout=_str(data.get("fleet_rollout_id")),
+                 operation=_str(data.get("operation_id")), pipeline=_str(data.get("pipeline_id")))  # fmt: skip
 
 
 def index_entries(doc: Doc | None) -> set[tuple[str, str]]:
@@ -223,7 +236,7 @@ def new_cluster(cluster_id: str, clusterset: str, location: Doc, time: str) -> D
         "createdByRolloutId": None,
         "drain": None,
         "lastResourcesUpdate": None,
-        "controlPlaneOperation": None,
+        "controlPlane": None,
         "lastDriftCorrection": None,
         "conditions": [],
         "createdAt": time,
@@ -525,39 +538,6 @@ def _infra_failed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
           operation="install", service=p.service, object=p.object)  # fmt: skip
 
 
-_CP_STATE = {
-    "ControlPlaneMigrationRequested": ("migration", "REQUESTED"),
-    "ControlPlaneMigrationStepCompleted": ("migration", "RUNNING"),
-    "ControlPlaneMigrationCompleted": ("migration", "COMPLETED"),
-    "ControlPlaneMigrationFailed": ("migration", "FAILED"),
-    "ControlPlaneMigrationRolledBack": ("migration", "ROLLED_BACK"),
-    "ControlPlaneUpgradeRequested": ("upgrade", "REQUESTED"),
-    "ControlPlaneUpgradeStepCompleted": ("upgrade", "RUNNING"),
-    "ControlPlaneUpgradeCompleted": ("upgrade", "COMPLETED"),
-    "ControlPlaneUpgradeFailed": ("upgrade", "FAILED"),
-}
-
-
-def _control_plane(doc: Doc, p: Any, env: Envelope, time: str) -> None:
-    """Migration / upgrade progress: shown on the cluster, no cluster state change (it stays serving)."""
-    assert isinstance(p, m.ControlPlaneEvent)
-    if doc["state"] == "DELETED":
-        return
-    kind, state = _CP_STATE[env.type]
-    op = doc["controlPlaneOperation"]
-    if not op or op.get("operationId") != p.operation_id:
-        op = {"operationId": p.operation_id, "kind": kind, "startedAt": time, "phase": None, "step": None,
-              "node": None, "toVersion": None, "availabilityPct": None, "reason": None}  # fmt: skip
-    op = {**op, "state": state, "updatedAt": time}
-    for attr, key in (("phase", "phase"), ("step", "step"), ("node", "node"), ("to_version", "toVersion"),
-                      ("availability_pct", "availabilityPct"), ("reason", "reason")):  # fmt: skip
-        if hasattr(p, attr) and getattr(p, attr) is not None:
-            op[key] = getattr(p, attr)
-    if isinstance(p, m.ControlPlaneMigrationRolledBack):
-        op["step"] = p.from_step
-    doc["controlPlaneOperation"] = op
-
-
 # ---------------------------------------------------------------- cluster sets
 def new_clusterset(name: str, time: str) -> Doc:
     return {
@@ -577,6 +557,7 @@ def new_clusterset(name: str, time: str) -> Doc:
         "lastChange": None,
         "rollout": None,
         "fleetRollout": None,
+        "controlPlanePipeline": None,
         "convergedGeneration": None,
         "convergedConfigHash": None,
         "convergedAt": None,
@@ -751,6 +732,57 @@ def _fleet_join(views: Views, seq: int, env: Envelope, payload: m.Event) -> None
     stamp(doc, seq, env, time)
 
 
+# ---------------------------------------------------------------- control-plane operations and pipelines
+def _pipeline_doc(views: Views, pipeline_id: str, clusterset: str, location: Doc, time: str) -> Doc:
+    doc = views.cp_pipelines.get(pipeline_id)
+    if doc is None:
+        doc = views.cp_pipelines[pipeline_id] = cp.new_pipeline(pipeline_id, clusterset, location, time)
+    else:
+        fill_defaults(doc, cp.new_pipeline(pipeline_id, clusterset, location, time))
+    return doc
+
+
+def _operation_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    """A migration or upgrade fact: the operation, then the cluster's and the pipeline's view of it."""
+    assert isinstance(payload, m.ControlPlaneEvent)
+    time = ts(env.time)
+    location = payload.location.model_dump(mode="json", by_alias=True)
+    blank = cp.new_operation(payload.operation_id, cp.OPERATION_KIND[env.type], payload.cluster_id,
+                             payload.clusterset, location, time)  # fmt: skip
+    operation = views.cp_operations.setdefault(payload.operation_id, blank)
+    fill_defaults(operation, blank)
+    cp.operation_fact(operation, payload, env, time)
+    stamp(operation, seq, env, time)
+
+    def on_cluster(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+        # Shown on the cluster without changing its state: it keeps serving throughout.
+        if doc["state"] != "DELETED":
+            doc["controlPlane"] = cp.cluster_fact(doc["controlPlane"], operation, p, env.type)
+
+    _cluster_handler(on_cluster)(views, seq, env, payload)
+    if payload.pipeline_id:
+        pipeline = _pipeline_doc(views, payload.pipeline_id, payload.clusterset, location, time)
+        cp.pipeline_join(pipeline, operation, payload, env.type, time)
+        stamp(pipeline, seq, env, time)
+
+
+def _pipeline_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
+    """A pipeline fact: the pipeline, then its set's summary of it."""
+    assert isinstance(payload, cp.PipelineFact)
+    time = ts(env.time)
+    location = payload.location.model_dump(mode="json", by_alias=True)
+    pipeline = _pipeline_doc(views, payload.pipeline_id, payload.clusterset, location, time)
+    cp.pipeline_fact(pipeline, payload, env, time)
+    stamp(pipeline, seq, env, time)
+
+    def on_set(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+        summary = cp.follow_pipeline(doc["controlPlanePipeline"], pipeline, env.type)
+        if summary is not None:
+            doc["controlPlanePipeline"] = summary
+
+    _clusterset_handler(on_set)(views, seq, env, payload)
+
+
 _Handler = Callable[[Views, int, Envelope, m.Event], None]
 
 _CLUSTER_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
@@ -771,7 +803,6 @@ _CLUSTER_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
     "ClusterDeprovisioned": _deprovisioned,
     "ClusterProvisioningFailed": _provisioning_failed,
     "ClusterInfraFailed": _infra_failed,
-    **dict.fromkeys(_CP_STATE, _control_plane),
 }
 _SET_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
     "ClusterSetAccepted": _set_accepted,
@@ -787,6 +818,8 @@ _HANDLERS: dict[str, list[_Handler]] = {
     **{name: [_cluster_handler(fn)] for name, fn in _CLUSTER_HANDLERS.items()},
     **{name: [_clusterset_handler(fn)] for name, fn in _SET_HANDLERS.items()},
     **{name: [_fleet_fact] for name in _FLEET_ROLLOUT_TYPES},
+    **{name: [_operation_fact] for name in cp.OPERATION_KIND},
+    **{name: [_pipeline_fact] for name in cp.PIPELINE_TYPES},
 }
 for _name in ro.ROLLOUT_EVENT_STATE:
     _HANDLERS[_name].append(_rollout_fact)

@@ -63,3 +63,33 @@ def fill_defaults(doc: Doc, blank: Doc) -> None:
 def add_sorted(values: list[str], value: str) -> list[str]:
     """A sorted list of unique ids with `value` in it (order-independent, so replays agree)."""
     return values if value in values else sorted([*values, value])
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from one canonical timestamp to another (both from event times, so replays agree)."""
+    if not start or not end:
+        return None
+    delta = datetime.fromisoformat(end.replace("Z", "+00:00")) - datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return round(delta.total_seconds(), 6)
+
+
+def bounded(entries: list[Doc], limit: int) -> list[Doc]:
+    """A timeline that a pathological producer cannot grow without bound: the first entry and the latest ones."""
+    return entries if len(entries) <= limit else [entries[0], *entries[-(limit - 1):]]
+
+
+def in_plan_order(items: list[Doc], key: str, order: list[str]) -> list[Doc]:
+    """Planned items first, in plan order; anything seen before the plan keeps its place after them."""
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(items, key=lambda item: rank.get(item[key], len(order)))  # stable: unplanned keep their order
+
+
+def member(kind: str, doc_id: str) -> str:
+    """The member of an index set of documents of several kinds. A tab sorts below every id character, so
+    members sort by id."""
+    return f"{doc_id}\t{kind}"
+
+
+def split_member(value: str) -> tuple[str, str]:
+    doc_id, _, kind = value.rpartition("\t")
+    return kind, doc_id

@@ -4,7 +4,8 @@ What depends on more than one document is derived when read rather than stored: 
 cluster is outdated (its configHash against its set's current one) and a set's status
 (counts, ready clusters, its member clusters in the shape of clusterset-status.yaml). That
 keeps a write O(1) per event however large a set is, and a new set spec marks every member
-outdated at once without rewriting thousands of cluster documents.
+outdated at once without rewriting thousands of cluster documents. A cluster's control plane
+is what its operations reported, the spec filling in what no operation has changed yet.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from services.status_projector import controlplane as cp
 from services.status_projector import rollouts as ro
 from services.status_projector.core import CLUSTER_STATES, Doc
 
@@ -23,8 +25,19 @@ def is_outdated(cluster: Doc, set_config_hash: str | None) -> bool:
     return bool(cluster["configHash"] != set_config_hash)
 
 
+def control_plane(cluster: Doc) -> Doc:
+    """Mode and HA from the spec until a migration reports its members; the version the last upgrade reached,
+    else the spec's."""
+    spec = cluster.get("spec") or {}
+    wanted = spec.get("controlPlane") or {}
+    facts = {**cp.blank_control_plane(), **(cluster.get("controlPlane") or {})}
+    return {**facts, "mode": wanted.get("mode"), "ha": facts["ha"] if facts["ha"] is not None else wanted.get("ha"),
+            "version": facts["version"] or spec.get("kubernetesVersion")}  # fmt: skip
+
+
 def cluster_view(cluster: Doc, set_config_hash: str | None) -> Doc:
-    return {**cluster, "protected": bool(cluster.get("protected")), "outdated": is_outdated(cluster, set_config_hash)}
+    return {**cluster, "protected": bool(cluster.get("protected")), "outdated": is_outdated(cluster, set_config_hash),
+            "controlPlane": control_plane(cluster)}  # fmt: skip
 
 
 def member_status(cluster: Doc, set_config_hash: str | None) -> Doc:
@@ -119,3 +132,8 @@ def discovery_entry(cluster: Doc) -> Doc:
 def rollout_listing(rollout: Doc) -> Doc:
     """A rollout in a listing: without its unbounded lists (timeline, per-set entries, cluster ids)."""
     return ro.listing(rollout)
+
+
+def migration_listing(doc: Doc) -> Doc:
+    """A migration, upgrade or pipeline in a listing: without its step timeline or per-cluster entries."""
+    return cp.listing(doc)

@@ -14,7 +14,7 @@ and COMPLETED once a later stage starts or the rollout completes: nothing here r
 
 from __future__ import annotations
 
-from services.status_projector.docs import Doc, add_sorted, ts_or_none
+from services.status_projector.docs import Doc, add_sorted, bounded, in_plan_order, ts_or_none
 from shared.events import Envelope
 from shared.events import models as m
 
@@ -162,11 +162,8 @@ def rollout_cluster(doc: Doc, p: m.ClusterEvent) -> None:
 
 
 def _timeline(doc: Doc, state: str, env: Envelope, time: str, reason: str | None) -> None:
-    entries = [*doc["timeline"], {"state": state, "time": time, "type": env.type, "eventId": env.id,
-                                  "reason": reason or None}]  # fmt: skip
-    if len(entries) > TIMELINE_MAX:
-        entries = [entries[0], *entries[-(TIMELINE_MAX - 1):]]
-    doc["timeline"] = entries
+    doc["timeline"] = bounded([*doc["timeline"], {"state": state, "time": time, "type": env.type, "eventId": env.id,
+                                                  "reason": reason or None}], TIMELINE_MAX)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fleet rollouts
@@ -211,12 +208,6 @@ def _entry(doc: Doc, clusterset: str, stage: str | None = None) -> Doc:
     return entry
 
 
-def _in_plan_order(items: list[Doc], key: str, order: list[str]) -> list[Doc]:
-    """Planned items first, in plan order; anything seen before the plan keeps its place after them."""
-    rank = {name: i for i, name in enumerate(order)}
-    return sorted(items, key=lambda item: rank.get(item[key], len(order)))  # stable: unplanned keep their order
-
-
 def _stage_to(doc: Doc, name: str, state: str, time: str) -> None:
     """Move a stage forward (never back); earlier stages still soaking are done once a later one moves on."""
     stage = _stage(doc, name)
@@ -239,8 +230,8 @@ def _started(doc: Doc, p: m.FleetRolloutStarted, time: str) -> None:
                                       clustersets=list(plan.clustersets))  # fmt: skip
         for name in plan.clustersets:
             _entry(doc, name)["stage"] = plan.name
-    doc["stages"] = _in_plan_order(doc["stages"], "name", [s.name for s in p.stages])
-    doc["sets"] = _in_plan_order(doc["sets"], "clusterset", [n for s in p.stages for n in s.clustersets])
+    doc["stages"] = in_plan_order(doc["stages"], "name", [s.name for s in p.stages])
+    doc["sets"] = in_plan_order(doc["sets"], "clusterset", [n for s in p.stages for n in s.clustersets])
 
 
 def _set_finished(doc: Doc, p: m.FleetRolloutSetFinished, time: str) -> None:
@@ -360,16 +351,6 @@ def _derive(doc: Doc, final: str | None) -> str:
 
 
 # ---------------------------------------------------------------- indexes and listings
-def member(kind: str, rollout_id: str) -> str:
-    """The member of the rollout index sets. A tab sorts below every id character, so members sort by id."""
-    return f"{rollout_id}\t{kind}"
-
-
-def split_member(value: str) -> tuple[str, str]:
-    rollout_id, _, kind = value.rpartition("\t")
-    return kind, rollout_id
-
-
 def index_entries(doc: Doc | None) -> set[tuple[str, str]]:
     """(field, value) pairs of the /v1/rollouts filter indexes a rollout document belongs to."""
     if not doc:

@@ -25,6 +25,12 @@ RolloutStateName = Literal["REQUESTED", "IN_PROGRESS", "WAITING", "PAUSED", "ROL
 StageStateName = Literal["PENDING", "AWAITING_APPROVAL", "IN_PROGRESS", "SOAKING", "COMPLETED"]
 SetEntryStateName = Literal["PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED"]
 RolloutKindName = Literal["clusterset", "fleet"]
+OperationStateName = Literal["REQUESTED", "IN_PROGRESS", "ROLLING_BACK", "COMPLETED", "ROLLED_BACK", "FAILED"]
+PipelineStateName = Literal["IN_PROGRESS", "HALTED", "COMPLETED"]
+MigrationStateName = Literal["REQUESTED", "IN_PROGRESS", "ROLLING_BACK", "COMPLETED", "ROLLED_BACK", "FAILED",
+                             "HALTED"]  # fmt: skip
+OperationKindName = Literal["migration", "upgrade"]
+MigrationKindName = Literal["migration", "upgrade", "pipeline"]
 
 
 class _Out(BaseModel):
@@ -102,18 +108,30 @@ class ResourcesUpdate(_Out):
     time: str
 
 
-class ControlPlaneOperation(_Out):
+class OperationSummary(_Out):
+    """A control-plane migration or upgrade in short (the whole story: /v1/migrations/{operationId})."""
+
     operationId: str
-    kind: Literal["migration", "upgrade"]
-    state: Literal["REQUESTED", "RUNNING", "COMPLETED", "FAILED", "ROLLED_BACK"]
-    startedAt: str
-    updatedAt: str
-    phase: int | None
-    step: str | None
-    node: str | None
+    kind: OperationKindName
+    state: OperationStateName
+    phase: int | None = Field(description="migration: the phase (1-3) of the last step completed")
+    step: str | None = Field(description="the last step completed")
+    node: str | None = Field(description="upgrade: the node of the last step completed")
     toVersion: str | None
-    availabilityPct: float | None
-    reason: str | None
+    availabilityPct: float | None = Field(description="% of the prober's API requests that succeeded")
+    pipelineId: str | None
+    requestedAt: str | None
+    completedAt: str | None = Field(description="when it ended: completed, rolled back or failed")
+    updatedAt: str
+
+
+class ClusterControlPlane(_Out):
+    mode: Literal["managed", "self-managed"] | None = Field(description="from the spec")
+    ha: bool | None = Field(description="three members after a migration; until then what the spec says")
+    members: list[str] = Field(description="the members a migration reported")
+    endpoint: str | None = Field(description="the endpoint a migration reported (unchanged for clients)")
+    version: str | None = Field(description="the version the last upgrade reached, else the spec's")
+    lastOperation: OperationSummary | None
 
 
 class Cluster(_Out):
@@ -146,7 +164,7 @@ class Cluster(_Out):
     drain: Drain | None
     lastResourcesUpdate: ResourcesUpdate | None = Field(
         default=None, description="the cloud side of the last in-place update (node pools, tags)")
-    controlPlaneOperation: ControlPlaneOperation | None
+    controlPlane: ClusterControlPlane = Field(description="what its control-plane operations reported")
     conditions: list[Condition]
     createdAt: str
     updatedAt: str
@@ -270,6 +288,16 @@ class SetUpdateFailure(UpdateFailure):
     fleetRolloutId: str | None
 
 
+class PipelineSummary(_Out):
+    pipelineId: str
+    operation: Literal["migrate", "upgrade"] | None
+    state: PipelineStateName
+    toVersion: str | None
+    requestedAt: str | None
+    completedAt: str | None
+    updatedAt: str
+
+
 class ClusterSetStatus(_Out):
     observedGeneration: int | None
     desiredClusters: int | None
@@ -299,6 +327,8 @@ class ClusterSet(_Out):
     lastChange: SetChange | None = Field(default=None, description="what the last new generation changed, and how")
     rollout: Rollout | None
     fleetRollout: FleetPatch | None = Field(default=None, description="the fleet rollout that last patched the set")
+    controlPlanePipeline: PipelineSummary | None = Field(
+        default=None, description="the latest control-plane migration or upgrade pipeline over the set")
     convergedGeneration: int | None = Field(default=None, description="last generation every cluster reached")
     convergedConfigHash: str | None = None
     convergedAt: str | None = None
@@ -441,6 +471,143 @@ class RolloutDetail(RootModel[AnyRollout]):
 
 class RolloutPage(_Out):
     items: list[AnyRollout]
+    next: str | None
+
+
+class Availability(_Out):
+    """What the prober saw through the load-balancer endpoint while the operation ran."""
+
+    requests: int
+    succeeded: int
+    availabilityPct: float
+    downtimeS: float = Field(description="longest run of failed requests, seconds")
+    requestsWithoutQuorum: int = Field(description="requests made while more than one control-plane node was down")
+    succeededWithoutQuorum: int = Field(description="of those, how many succeeded (must be 0)")
+
+
+class MigrationStep(_Out):
+    phase: int | None = Field(description="migration steps: phase 1-3")
+    node: str | None = Field(description="upgrade steps: the node")
+    step: str
+    rollback: bool = Field(description="a step of the rollback")
+    startedAt: str | None = Field(description="as reported, else when the previous step completed")
+    completedAt: str
+    durationS: float | None
+    detail: dict[str, Any]
+    eventId: str
+
+
+class OperationFailure(_Out):
+    step: str | None
+    node: str | None
+    reason: str
+    rollingBack: bool = Field(description="the rollback steps follow")
+    rolledBack: bool = Field(description="the cluster (or, for an upgrade, the failing node) was put back")
+    time: str
+    eventId: str
+
+
+class RollbackInfo(_Out):
+    fromStep: str
+    reason: str | None
+    time: str
+
+
+class ControlPlaneOperation(_Out):
+    """One control-plane migration (one node to three) or upgrade (one node at a time) of one cluster.
+
+    `/v1/migrations` leaves out the timeline."""
+
+    id: str
+    kind: OperationKindName
+    operationId: str
+    clusterId: str
+    clusterset: str
+    location: Location
+    pipelineId: str | None
+    state: OperationStateName
+    phase: int | None
+    step: str | None
+    node: str | None
+    kubernetesVersion: str | None = Field(description="migration: the version the control plane runs")
+    toVersion: str | None
+    configHash: str | None
+    reason: str | None = Field(description="why it was requested")
+    timeline: list[MigrationStep] | None = Field(default=None, description="completed steps in order; detail only")
+    nodes: list[str] = Field(description="upgrade: the nodes touched, in order")
+    failure: OperationFailure | None
+    rollback: RollbackInfo | None
+    availability: Availability | None
+    availabilityPct: float | None
+    endpoint: str | None = Field(description="migration: the endpoint after it (the old node's address)")
+    members: list[str] = Field(description="migration: the members after it")
+    requestedAt: str | None
+    completedAt: str | None = Field(description="when it ended: completed, rolled back or failed")
+    durationS: float | None = Field(description="from the request to the end")
+    createdAt: str
+    updatedAt: str
+    lastEventId: str | None
+    lastEventSeq: int | None
+    eventCount: int
+
+
+class PipelineEntry(_Out):
+    clusterId: str
+    clusterset: str
+    location: Location
+    state: SetEntryStateName
+    operationId: str | None
+    operationState: OperationStateName | None
+    startedAt: str | None
+    finishedAt: str | None
+
+
+class ControlPlanePipeline(_Out):
+    """Migrations or upgrades of many clusters of a set, `concurrency` at a time, halting past the failure budget.
+
+    `/v1/migrations` leaves out the per-cluster entries."""
+
+    id: str
+    kind: Literal["pipeline"]
+    pipelineId: str
+    clusterset: str
+    location: Location
+    operation: Literal["migrate", "upgrade"] | None
+    kubernetesVersion: str | None = Field(description="migrations: the version the control planes run")
+    toVersion: str | None
+    configHash: str | None
+    concurrency: int | None
+    failureBudget: int | None
+    state: PipelineStateName
+    clusters: list[PipelineEntry] | None = Field(default=None, description="per cluster; detail only")
+    counts: dict[SetEntryStateName, int]
+    succeeded: int
+    failed: int
+    inFlight: int
+    pending: int
+    budgetExceeded: bool = Field(description="more clusters failed than the failure budget allows")
+    failedClusters: list[str]
+    halted: Stopped | None
+    reason: str | None = Field(description="why it halted")
+    requestedAt: str | None
+    completedAt: str | None
+    durationS: float | None
+    createdAt: str
+    updatedAt: str
+    lastEventId: str | None
+    lastEventSeq: int | None
+    eventCount: int
+
+
+AnyMigration = Annotated[ControlPlaneOperation | ControlPlanePipeline, Field(discriminator="kind")]
+
+
+class MigrationDetail(RootModel[AnyMigration]):
+    """A migration, an upgrade or a pipeline of either, told apart by `kind`."""
+
+
+class MigrationPage(_Out):
+    items: list[AnyMigration]
     next: str | None
 
 

@@ -7,12 +7,16 @@ Redis Cluster hash tag, so one namespace is one slot and a batch commits in one 
     clusterset:<name>               JSON document
     rollout:<id>                    JSON document of a ClusterSet rollout
     fleetrollout:<id>               JSON document of a fleet rollout
+    migration:<id>                  JSON document of a control-plane migration or upgrade (by operation id)
+    migrationpipeline:<id>          JSON document of a control-plane pipeline (by pipeline id)
     history:cluster:<id>            list of JSON history entries, oldest first
     history:clusterset:<name>       list of JSON history entries
     idx:all                         set of every cluster id
     idx:<field>:<value>             set of cluster ids, field in clusterset/state/env/cloud/region/clusterType
     idx:rollouts:all                set of every rollout, as "<id>\t<kind>" (sorts by id; either kind)
     idx:rollouts:<field>:<value>    set of rollouts, field in kind/state/clusterset
+    idx:migrations:all              set of every migration, upgrade and pipeline, as "<id>\t<kind>"
+    idx:migrations:<field>:<value>  set of them, field in kind/state/clusterset/cluster
     sets                            set of every cluster set name
     applied                         hash event id -> stream sequence that applied it (dedupe)
     checkpoint                      last applied FLEET sequence (written in the same EXEC as the views)
@@ -28,13 +32,17 @@ import binascii
 import json
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from services.status_projector import controlplane as cp
 from services.status_projector import rollouts as ro
 from services.status_projector.core import CLUSTER_STATES, Doc, Touch, Views, canonical, index_entries
+from services.status_projector.docs import member, split_member
 
 DEFAULT_NAMESPACE = "live"
 
@@ -63,6 +71,7 @@ class ViewKeys:
         self.sets = self.base + "sets"
         self.all = self.base + "idx:all"
         self.rollouts_all = self.base + "idx:rollouts:all"
+        self.migrations_all = self.base + "idx:migrations:all"
 
     def cluster(self, cid: str) -> str:
         return f"{self.base}cluster:{cid}"
@@ -85,6 +94,43 @@ class ViewKeys:
     def rollout_index(self, field: str, value: str) -> str:
         return f"{self.base}idx:rollouts:{field}:{value}"
 
+    def migration(self, kind: str, doc_id: str) -> str:
+        """`kind` is migration, upgrade (one key space: operation ids) or pipeline (pipeline ids)."""
+        name = "migrationpipeline" if kind == cp.KIND_PIPELINE else "migration"
+        return f"{self.base}{name}:{doc_id}"
+
+    def migration_index(self, field: str, value: str) -> str:
+        return f"{self.base}idx:migrations:{field}:{value}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Documents with filter indexes of their own, listed by members "<id>\t<kind>" (rollouts, migrations)."""
+
+    views: str  # the Views attribute holding them
+    touch: Callable[[Touch], str | None]  # which one an event names
+    key: Callable[[ViewKeys, str], str]
+    member: Callable[[str, Doc], str]
+    index: Callable[[ViewKeys, str, str], str]
+    all: Callable[[ViewKeys], str]
+    entries: Callable[[Doc | None], set[tuple[str, str]]]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("rollouts", lambda t: t.rollout, lambda k, i: k.rollout(ro.KIND_SET, i),
+           lambda i, d: member(ro.KIND_SET, i), ViewKeys.rollout_index, lambda k: k.rollouts_all, ro.index_entries),
+    Family("fleet_rollouts", lambda t: t.fleet_rollout, lambda k, i: k.rollout(ro.KIND_FLEET, i),
+           lambda i, d: member(ro.KIND_FLEET, i), ViewKeys.rollout_index, lambda k: k.rollouts_all,
+           ro.index_entries),
+    # An operation's kind (migration or upgrade) is fixed by its first fact, so its member never changes.
+    Family("cp_operations", lambda t: t.operation, lambda k, i: k.migration(cp.KIND_MIGRATION, i),
+           lambda i, d: member(str(d["kind"]), i), ViewKeys.migration_index, lambda k: k.migrations_all,
+           cp.index_entries),
+    Family("cp_pipelines", lambda t: t.pipeline, lambda k, i: k.migration(cp.KIND_PIPELINE, i),
+           lambda i, d: member(cp.KIND_PIPELINE, i), ViewKeys.migration_index, lambda k: k.migrations_all,
+           cp.index_entries),
+)  # fmt: skip
+
 
 # ---------------------------------------------------------------- batch load / stage (projector side)
 class Loaded:
@@ -93,11 +139,10 @@ class Loaded:
     def __init__(self) -> None:
         self.clusters: dict[str, str | None] = {}
         self.clustersets: dict[str, str | None] = {}
-        self.rollouts: dict[str, str | None] = {}
-        self.fleet_rollouts: dict[str, str | None] = {}
+        self.docs: dict[str, dict[str, str | None]] = {f.views: {} for f in FAMILIES}  # by Family.views
         # Index entries of each document as loaded: the core mutates the parsed documents in place.
         self.indexed: dict[str, set[tuple[str, str]]] = {}
-        self.rollouts_indexed: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self.docs_indexed: dict[str, dict[str, set[tuple[str, str]]]] = {f.views: {} for f in FAMILIES}
 
 
 class BatchTouch:
@@ -106,11 +151,11 @@ class BatchTouch:
     def __init__(self, touches: Iterable[Touch] = ()) -> None:
         self.cluster_ids: dict[str, None] = {}
         self.set_names: dict[str, None] = {}
-        self.rollout_ids: dict[str, None] = {}
-        self.fleet_rollout_ids: dict[str, None] = {}
+        self.doc_ids: dict[str, dict[str, None]] = {f.views: {} for f in FAMILIES}  # by Family.views
         for t in touches:
-            for value, into in ((t.cluster, self.cluster_ids), (t.clusterset, self.set_names),
-                                (t.rollout, self.rollout_ids), (t.fleet_rollout, self.fleet_rollout_ids)):  # fmt: skip
+            named = [(t.cluster, self.cluster_ids), (t.clusterset, self.set_names)]
+            named += [(f.touch(t), self.doc_ids[f.views]) for f in FAMILIES]
+            for value, into in named:
                 if value:
                     into[value] = None
 
@@ -132,14 +177,12 @@ async def load_batch(redis: Redis | Pipeline, keys: ViewKeys, touch: BatchTouch,
     views, loaded = Views(), Loaded()
     await _load_docs(redis, keys.cluster, list(touch.cluster_ids), loaded.clusters, views.clusters)
     await _load_docs(redis, keys.clusterset, list(touch.set_names), loaded.clustersets, views.clustersets)
-    await _load_docs(redis, lambda r: keys.rollout(ro.KIND_SET, r), list(touch.rollout_ids), loaded.rollouts,
-                     views.rollouts)  # fmt: skip
-    await _load_docs(redis, lambda r: keys.rollout(ro.KIND_FLEET, r), list(touch.fleet_rollout_ids),
-                     loaded.fleet_rollouts, views.fleet_rollouts)  # fmt: skip
     loaded.indexed = {cid: index_entries(doc) for cid, doc in views.clusters.items()}
-    for kind, docs in ((ro.KIND_SET, views.rollouts), (ro.KIND_FLEET, views.fleet_rollouts)):
-        for rid, doc in docs.items():
-            loaded.rollouts_indexed[(kind, rid)] = ro.index_entries(doc)
+    for f in FAMILIES:
+        docs: dict[str, Doc] = getattr(views, f.views)
+        await _load_docs(redis, partial(f.key, keys), list(touch.doc_ids[f.views]), loaded.docs[f.views],
+                         docs)  # fmt: skip
+        loaded.docs_indexed[f.views] = {i: f.entries(doc) for i, doc in docs.items()}
     if event_ids:
         seqs = await redis.hmget(keys.applied, list(event_ids))
         views.applied = {eid: int(s) for eid, s in zip(event_ids, seqs, strict=True) if s is not None}
@@ -167,19 +210,20 @@ def stage_batch(pipe: Pipeline, keys: ViewKeys, loaded: Loaded, views: Views, kn
         written += 1
         pipe.set(keys.clusterset(name), raw)
         pipe.sadd(keys.sets, name)
-    for kind, docs, raws in ((ro.KIND_SET, views.rollouts, loaded.rollouts),
-                             (ro.KIND_FLEET, views.fleet_rollouts, loaded.fleet_rollouts)):  # fmt: skip
-        for rid, doc in docs.items():
+    for f in FAMILIES:
+        raws, indexed = loaded.docs[f.views], loaded.docs_indexed[f.views]
+        for doc_id, doc in getattr(views, f.views).items():
             raw = canonical(doc)
-            old_raw = raws.get(rid)
+            old_raw = raws.get(doc_id)
             if raw == old_raw:
                 continue
             written += 1
-            pipe.set(keys.rollout(kind, rid), raw)
-            _stage_index(pipe, keys.rollout_index, ro.member(kind, rid), loaded.rollouts_indexed.get((kind, rid),
-                         set()), ro.index_entries(doc))  # fmt: skip
+            pipe.set(f.key(keys, doc_id), raw)
+            value = f.member(doc_id, doc)
+            _stage_index(pipe, partial(f.index, keys), value, indexed.get(doc_id, set()),
+                         f.entries(doc))  # fmt: skip
             if old_raw is None:
-                pipe.sadd(keys.rollouts_all, ro.member(kind, rid))
+                pipe.sadd(f.all(keys), value)
     for key, entries in views.history.items():
         if entries:
             pipe.rpush(keys.history(key), *(canonical(e) for e in entries))
@@ -353,22 +397,38 @@ class ViewReader:
             out[name] = {s: int(n) for s, n in zip(CLUSTER_STATES, chunk, strict=True)}
         return out
 
-    async def rollout_members(self, filters: dict[str, str]) -> list[str]:
-        """Sorted index members ("<id>\t<kind>") of the rollouts matching every filter."""
-        sets = [self.keys.rollout_index(f, v) for f, v in sorted(filters.items())] or [self.keys.rollouts_all]
+    async def _members(self, index: Callable[[str, str], str], all_key: str, filters: dict[str, str]) -> list[str]:
+        """Sorted index members ("<id>\t<kind>") matching every filter (SINTER of the index sets)."""
+        sets = [index(f, v) for f, v in sorted(filters.items())] or [all_key]
         members = await (self.redis.smembers(sets[0]) if len(sets) == 1 else self.redis.sinter(sets))
         return sorted(str(m) for m in members)
 
-    async def rollouts(self, members: Sequence[str]) -> list[Doc]:
-        if not members:
+    async def _docs(self, keys: list[str]) -> list[Doc]:
+        if not keys:
             return []
-        raws = await self.redis.mget([self.keys.rollout(*ro.split_member(mb)) for mb in members])
-        return [json.loads(r) for r in raws if r is not None]
+        return [json.loads(r) for r in await self.redis.mget(keys) if r is not None]
+
+    async def rollout_members(self, filters: dict[str, str]) -> list[str]:
+        return await self._members(self.keys.rollout_index, self.keys.rollouts_all, filters)
+
+    async def rollouts(self, members: Sequence[str]) -> list[Doc]:
+        return await self._docs([self.keys.rollout(*split_member(mb)) for mb in members])
 
     async def rollout(self, rollout_id: str, kinds: Sequence[str]) -> list[Doc]:
         """The rollouts of these document kinds with this id (ids of the two kinds are separate namespaces)."""
         raws = await self.redis.mget([self.keys.rollout(kind, rollout_id) for kind in kinds])
         return [json.loads(r) for r in raws if r is not None]
+
+    async def migration_members(self, filters: dict[str, str]) -> list[str]:
+        return await self._members(self.keys.migration_index, self.keys.migrations_all, filters)
+
+    async def migrations(self, members: Sequence[str]) -> list[Doc]:
+        return await self._docs([self.keys.migration(*split_member(mb)) for mb in members])
+
+    async def migration(self, doc_id: str, kinds: Sequence[str]) -> list[Doc]:
+        """The documents of these kinds with this id (operation ids and pipeline ids are separate key spaces)."""
+        keys = list(dict.fromkeys(self.keys.migration(kind, doc_id) for kind in kinds))
+        return [d for d in await self._docs(keys) if d.get("kind") in kinds]
 
     async def history(self, key: str, start: int, limit: int) -> tuple[list[Doc], int]:
         """Entries [start, start+limit) of a history list, and its total length."""

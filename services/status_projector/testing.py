@@ -245,3 +245,144 @@ def fleet_rollout_history(fleet_id: str, canary: tuple[ClusterSet, list[str]], r
         fact(m.FleetRolloutHalted(**fleet, reason="1 set failed; the failure budget is 0", failed_sets=[b_name])),
     ]  # fmt: skip
     return retime(events, start)
+
+
+# ---------------------------------------------------------------- control-plane operations
+# The steps etcd_migration reports (its names, spelled out here so that the projector's tests need no service).
+MIGRATION_STEPS: tuple[tuple[int, str], ...] = (
+    (0, "precheck"),
+    (1, "stop-mutations"), (1, "snapshot-save"), (1, "stop-node"), (1, "snapshot-disk"),
+    (2, "create-nodes"), (2, "create-load-balancers"), (2, "restore-members"), (2, "verify-members"),
+    (3, "wait-kubelets"), (3, "start-controller-manager"), (3, "open-load-balancers"),
+)  # fmt: skip
+ROLLBACK_STEPS = ("remove-new-nodes", "remove-load-balancers", "start-node", "resume-mutations")
+UPGRADE_STEPS = ("precheck", "snapshot", "replace", "validate")  # per node, after a cluster-wide precheck
+
+
+def availability(requests: int = 1200, failed: int = 12, downtime_s: float = 2.5,
+                 without_quorum: int = 0) -> m.ControlPlaneAvailability:  # fmt: skip
+    succeeded = requests - failed
+    return m.ControlPlaneAvailability(requests=requests, succeeded=succeeded, downtime_s=downtime_s,
+                                      availability_pct=round(100 * succeeded / requests, 3),
+                                      requests_without_quorum=without_quorum)  # fmt: skip
+
+
+def migration(cs: ClusterSet, cause: Envelope, cluster_id: str, operation_id: str, start: datetime, *,
+              fail_at: str | None = None, pipeline_id: str | None = None) -> list[Envelope]:  # fmt: skip
+    """One node to three: ControlPlaneMigrationRequested, a step completed per step, ControlPlaneMigrationCompleted.
+
+    With `fail_at` (a step name), the steps before it, ControlPlaneMigrationFailed (rolling back), the rollback
+    steps and ControlPlaneMigrationRolledBack."""
+    op: dict[str, Any] = dict(location=cs.metadata.location, clusterset=cs.metadata.name, cluster_id=cluster_id,
+                              operation_id=operation_id, pipeline_id=pipeline_id)  # fmt: skip
+    clock = iter(_clock(start))
+    spec = cs.spec.cluster_spec()
+    requested = new_event(m.ControlPlaneMigrationRequested(**op, config_hash=spec.config_hash(),
+                                                           kubernetes_version=spec.kubernetes_version,
+                                                           reason="controlPlane.ha false -> true"),
+                          source="planner", cause=cause, discriminator=operation_id, time=next(clock))  # fmt: skip
+
+    def fact(payload: m.Event, discriminator: str = "") -> Envelope:
+        at = next(clock)
+        if isinstance(payload, m.ControlPlaneMigrationStepCompleted):  # it took half a step
+            payload = payload.model_copy(update={"started_at": at - STEP / 2})
+        return new_event(payload, source="etcd_migration", cause=requested, discriminator=discriminator, time=at)
+
+    out = [requested]
+    for phase, step in MIGRATION_STEPS:
+        if step == fail_at:
+            out.append(fact(m.ControlPlaneMigrationFailed(**op, step=step, reason=f"{step}: injected failure",
+                                                          rolling_back=True)))  # fmt: skip
+            out += [fact(m.ControlPlaneMigrationStepCompleted(**op, phase=phase, step=rb, rollback=True), f"rb:{rb}")
+                    for rb in ROLLBACK_STEPS]  # fmt: skip
+            out.append(fact(m.ControlPlaneMigrationRolledBack(**op, from_step=step, reason="injected failure",
+                                                              availability=availability(600, 30, 9.0))))
+            return out
+        detail: dict[str, Any] = {"revision": 10_042, "hash": 3_141_592} if step == "snapshot-save" else {}
+        out.append(fact(m.ControlPlaneMigrationStepCompleted(**op, phase=phase, step=step, detail=detail), step))
+    endpoint = f"https://{cluster_id}.example.{cs.metadata.location.cloud}.test"
+    out.append(fact(m.ControlPlaneMigrationCompleted(
+        **op, availability=availability(), config_hash=cs.spec.cluster_spec().config_hash(), endpoint=endpoint,
+        members=[f"{cluster_id}-cp-{i}" for i in range(3)])))  # fmt: skip
+    return out
+
+
+def upgrade(cs: ClusterSet, cause: Envelope, cluster_id: str, operation_id: str, start: datetime, *,
+            to_version: str = "1.31", fail_node: int | None = None,
+            pipeline_id: str | None = None) -> list[Envelope]:  # fmt: skip
+    """A cluster-wide precheck, then three members one at a time (precheck, snapshot, replace, validate each); with
+    `fail_node`, that node's validation fails (ControlPlaneUpgradeFailed), it is rolled back and the upgrade halts
+    (ControlPlaneUpgradeFailed, rolled back)."""
+    op: dict[str, Any] = dict(location=cs.metadata.location, clusterset=cs.metadata.name, cluster_id=cluster_id,
+                              operation_id=operation_id, pipeline_id=pipeline_id)  # fmt: skip
+    clock = iter(_clock(start))
+    requested = new_event(m.ControlPlaneUpgradeRequested(**op, to_version=to_version), source="planner", cause=cause,
+                          discriminator=operation_id, time=next(clock))  # fmt: skip
+
+    def fact(payload: m.Event, discriminator: str = "") -> Envelope:
+        return new_event(payload, source="etcd_migration", cause=requested, discriminator=discriminator,
+                         time=next(clock))  # fmt: skip
+
+    nodes = [f"{cluster_id}-cp-{i}" for i in range(3)]
+    out = [requested, fact(m.ControlPlaneUpgradeStepCompleted(
+        **op, node="cluster", step="precheck", detail={"order": nodes, "versions": dict.fromkeys(nodes, "1.30")}),
+        "precheck")]  # fmt: skip
+    for i, node in enumerate(nodes):
+        for step in UPGRADE_STEPS:
+            if i == fail_node and step == "validate":
+                reason = "validation: hashkv differs"
+                out.append(fact(m.ControlPlaneUpgradeFailed(**op, node=node, reason=reason), "failed"))
+                out.append(fact(m.ControlPlaneUpgradeStepCompleted(**op, node=node, step="rollback-node",
+                                                                   rollback=True), f"{node}:rb"))  # fmt: skip
+                out.append(fact(m.ControlPlaneUpgradeFailed(**op, node=node, reason=reason, rolled_back=True,
+                                                            availability=availability(900, 0, 0)), "halted"))
+                return out
+            out.append(fact(m.ControlPlaneUpgradeStepCompleted(**op, node=node, step=step,
+                                                               detail={"version": to_version}), f"{node}:{step}"))
+    out.append(fact(m.ControlPlaneUpgradeCompleted(**op, to_version=to_version, availability=availability(900, 0, 0))))
+    return out
+
+
+def pipeline(cs: ClusterSet, cause: Envelope, pipeline_id: str, cluster_ids: list[str], start: datetime, *,
+             operation: Literal["migrate", "upgrade"] = "migrate", concurrency: int = 2, failure_budget: int = 0,
+             fail: Iterable[str] = ()) -> list[Envelope]:  # fmt: skip
+    """A pipeline over `cluster_ids`, `concurrency` at a time (their operations interleaved, a batch every 100
+    steps from `start`), progress after each batch; the clusters in `fail` fail (a migration rolled back, an upgrade
+    halted on its second node). Once more clusters failed than the budget allows it halts, leaving the rest
+    pending; else it completes."""
+    loc, name, failing = cs.metadata.location, cs.metadata.name, set(fail)
+    base: dict[str, Any] = dict(location=loc, clusterset=name, pipeline_id=pipeline_id)
+    to_version = "1.31" if operation == "upgrade" else None
+    requested = new_event(m.ControlPlanePipelineRequested(
+        **base, operation=operation, to_version=to_version, concurrency=concurrency, failure_budget=failure_budget,
+        kubernetes_version=None if to_version else cs.spec.kubernetes_version,
+        clusters=[m.PipelineCluster(cluster_id=cid, clusterset=name, location=loc) for cid in cluster_ids],
+    ), source="etcd_migration", cause=cause, discriminator=pipeline_id, time=start - STEP)  # fmt: skip
+    events, succeeded, failed = [requested], [], []
+    for b in range(0, len(cluster_ids), concurrency):
+        batch = cluster_ids[b:b + concurrency]
+        batch_start, batch_end = start + STEP * 100 * (b // concurrency), start + STEP * (100 * (b // concurrency) + 60)
+        histories = []
+        for cid in batch:
+            op_id = f"{pipeline_id}-{cid}"
+            if operation == "migrate":
+                histories.append(migration(cs, requested, cid, op_id, batch_start, pipeline_id=pipeline_id,
+                                           fail_at="restore-members" if cid in failing else None))  # fmt: skip
+            else:
+                histories.append(upgrade(cs, requested, cid, op_id, batch_start, pipeline_id=pipeline_id,
+                                         fail_node=1 if cid in failing else None))  # fmt: skip
+        events += interleave(*histories)
+        succeeded += [c for c in batch if c not in failing]
+        failed += [c for c in batch if c in failing]
+        events.append(new_event(m.ControlPlanePipelineProgressed(
+            **base, succeeded=list(succeeded), failed=list(failed), in_flight=[],
+            pending=len(cluster_ids) - b - len(batch)), source="etcd_migration", cause=requested,
+            discriminator=str(b), time=batch_end))  # fmt: skip
+        if len(failed) > failure_budget:
+            events.append(new_event(m.ControlPlanePipelineHalted(
+                **base, reason=f"{len(failed)} cluster(s) failed; the failure budget is {failure_budget}",
+                failed=list(failed)), source="etcd_migration", cause=requested, time=batch_end + STEP))  # fmt: skip
+            return events
+    events.append(new_event(m.ControlPlanePipelineCompleted(**base, succeeded=succeeded, failed=failed),
+                            source="etcd_migration", cause=requested, time=events[-1].time + STEP))  # fmt: skip
+    return events

@@ -572,55 +572,151 @@ class FleetRolloutTick(FleetRolloutEvent):
 
 
 # etcd_migration
+ControlPlaneOperation = Literal["migrate", "upgrade"]
+
+
 class ControlPlaneEvent(ClusterEvent):
     operation_id: str
+    pipeline_id: str | None = None
+
+
+class ControlPlaneChangeRequested(Event):
+    """An operator asks for a control-plane migration to HA or an upgrade of some clusters of a set (CLI)."""
+
+    stream: ClassVar[str] = subjects.STREAM_CLUSTERSETS
+    clusterset: str = Field(min_length=1, max_length=63)
+    operation: ControlPlaneOperation
+    cluster_ids: list[str] = Field(default_factory=list, description="empty: every live cluster of the set")
+    to_version: str | None = Field(default=None, pattern=r"^1\.\d{1,2}$")
+    concurrency: int = Field(default=1, ge=1, le=100)
+    failure_budget: int = Field(default=0, ge=0, le=10_000)
+
+    def aggregate(self) -> str:
+        return self.clusterset
+
+    def subject(self) -> str:
+        return subjects.clusterset_controlplane(self.clusterset)
+
+
+class PipelineCluster(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cluster_id: str
+    clusterset: str
+    location: Location
+
+
+class ControlPlanePipelineRequested(ClusterSetEvent):
+    """Migrate or upgrade these clusters' control planes, `concurrency` at a time, halting past the budget."""
+
+    pipeline_id: str
+    operation: ControlPlaneOperation
+    clusters: list[PipelineCluster]
+    to_version: str | None = None
+    kubernetes_version: str | None = Field(default=None, description="what the control planes run (migrations)")
+    config_hash: str | None = Field(default=None, description="the set config the clusters are on when done")
+    concurrency: int = Field(default=1, ge=1)
+    failure_budget: int = Field(default=0, ge=0)
+
+
+class ControlPlanePipelineEvent(ClusterSetEvent):
+    pipeline_id: str
+
+
+class ControlPlanePipelineProgressed(ControlPlanePipelineEvent):
+    succeeded: list[str]
+    failed: list[str]
+    in_flight: list[str]
+    pending: int
+
+
+class ControlPlanePipelineHalted(ControlPlanePipelineEvent):
+    reason: str
+    failed: list[str]
+
+
+class ControlPlanePipelineCompleted(ControlPlanePipelineEvent):
+    succeeded: list[str]
+    failed: list[str]
+
+
+class ControlPlaneAvailability(BaseModel):
+    """What the prober saw through the load-balancer endpoint while the operation ran."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    requests: int
+    succeeded: int
+    availability_pct: float
+    downtime_s: float = Field(description="longest run of failed requests, seconds")
+    # Requests made while more than one control-plane node was down (quorum lost): must all fail.
+    requests_without_quorum: int = 0
+    succeeded_without_quorum: int = 0
 
 
 class ControlPlaneMigrationRequested(ControlPlaneEvent):
-    pass
+    kubernetes_version: str | None = Field(default=None, description="what the control plane runs")
+    config_hash: str | None = None
+    reason: str = ""
 
 
 class ControlPlaneMigrationStepCompleted(ControlPlaneEvent):
     phase: int
     step: str
+    rollback: bool = Field(default=False, description="a step of the rollback")
+    detail: dict[str, Any] = Field(default_factory=dict)
+    started_at: datetime | None = None
 
 
 class ControlPlaneMigrationCompleted(ControlPlaneEvent):
     availability_pct: float | None = None
+    availability: ControlPlaneAvailability | None = None
+    config_hash: str | None = None
+    endpoint: str = ""
+    members: list[str] = Field(default_factory=list)
 
 
 class ControlPlaneMigrationFailed(ControlPlaneEvent):
     step: str
     reason: str
+    rolling_back: bool = Field(description="true: the rollback steps follow; false: stopped, needs an operator")
 
 
 class ControlPlaneMigrationRolledBack(ControlPlaneEvent):
     from_step: str
+    reason: str = ""
+    availability: ControlPlaneAvailability | None = None
 
 
 class ControlPlaneUpgradeRequested(ControlPlaneEvent):
     to_version: str
+    config_hash: str | None = None
 
 
 class ControlPlaneUpgradeStepCompleted(ControlPlaneEvent):
     node: str
     step: str
+    rollback: bool = False
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 class ControlPlaneUpgradeCompleted(ControlPlaneEvent):
     to_version: str
     availability_pct: float | None = None
+    availability: ControlPlaneAvailability | None = None
+    config_hash: str | None = None
 
 
 class ControlPlaneUpgradeFailed(ControlPlaneEvent):
     node: str | None
     reason: str
+    rolled_back: bool = False
+    availability: ControlPlaneAvailability | None = None
 
 
 def _all_event_classes() -> dict[str, type[Event]]:
     found: dict[str, type[Event]] = {}
     stack: list[type[Event]] = [Event]
-    abstract = {Event, FleetEvent, ClusterSetEvent, ClusterEvent, RolloutEvent, ControlPlaneEvent, FleetRolloutEvent}
+    abstract = {Event, FleetEvent, ClusterSetEvent, ClusterEvent, RolloutEvent, ControlPlaneEvent, FleetRolloutEvent,
+                ControlPlanePipelineEvent}
     while stack:
         cls = stack.pop()
         for sub in cls.__subclasses__():

@@ -15,6 +15,7 @@ STREAM_DEADLETTER = "DEADLETTER"
 CLUSTERSETS_ALL = "clusterset.>"
 CLUSTERSET_ROLLOUT_CONTROLS = "clusterset.rollout.*"
 FLEET_ROLLOUT_INTENTS = "clusterset.fleetrollout.*"
+CONTROLPLANE_INTENTS = "clusterset.controlplane.*"
 FLEET_ALL = "fleet.>"
 DEADLETTER_ALL = "deadletter.>"
 
@@ -52,6 +53,10 @@ def clusterset_protection(name: str | None) -> str:
 
 def clusterset_rollout(name: str | None) -> str:
     return f"clusterset.rollout.{token(name)}"
+
+
+def clusterset_controlplane(name: str | None) -> str:
+    return f"clusterset.controlplane.{token(name)}"
 
 
 def fleet_rollout_intent(rollout_id: str | None) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.cloud_provisioner.providers.simcloud import SimCloud
+from services.etcd_migration.drivers.local import LocalDriver
 from shared.bus import connect_bus
 from shared.client import FlotillaClient
 from shared.config import Settings
@@ -56,6 +57,7 @@ class Fleet:
             "FLOTILLA_BACKOFF_S": "[0.1, 0.2, 0.5, 1]",
             "FLOTILLA_ACK_WAIT_S": "10",
             "FLOTILLA_SHUTDOWN_GRACE_S": "3",
+            "FLOTILLA_CONTROLPLANE_STATE_DIR": str(self.controlplane_dir),
             **self.env_overrides,
         }
         return service_env(self.nats.port, self.redis.port, **extra)
@@ -85,9 +87,15 @@ class Fleet:
     def dead(self) -> list[str]:
         return [f"{n}#{r} (exit {p.returncode})" for (n, r), p in self.procs.items() if p.poll() is not None]
 
+    @property
+    def controlplane_dir(self) -> Path:
+        return self.workdir / "controlplanes"
+
     def stop(self) -> None:
         for key in list(self.procs):
             self.stop_service(*key)
+        if self.controlplane_dir.exists():  # the local driver's etcd and proxy processes outlive the services
+            asyncio.run(LocalDriver(self.controlplane_dir).destroy_all())
         for server in (self.nats, self.redis):
             if server:
                 server.stop()

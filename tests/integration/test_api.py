@@ -26,7 +26,8 @@ from tests.conftest import example_documents
 DOCS = example_documents()
 CS = T.parse(DOCS["modelserving-prod-aws-us-east-1"])
 AZ = T.parse(DOCS["dataeng-staging-azure-westeurope"])
-MS, DE = CS.metadata.name, AZ.metadata.name
+SM = T.parse(DOCS["core-prod-aws-eu-west-1"])
+MS, DE, CORE = CS.metadata.name, AZ.metadata.name, SM.metadata.name
 
 
 def history() -> list[Envelope]:
@@ -65,6 +66,22 @@ async def api_over(events: list[Envelope], bus: Bus, redis: Redis, settings: Set
 @pytest.fixture
 async def client(bus: Bus, redis: Redis, settings: Settings, projector: Projector) -> AsyncIterator[httpx.AsyncClient]:
     async with api_over(history(), bus, redis, settings, projector) as c:
+        yield c
+
+
+def control_plane_history() -> list[Envelope]:
+    """A self-managed set of three clusters; a migration pipeline (two at a time, budget 0) whose second cluster
+    rolls back, halting it before the third; then an upgrade of the first cluster, one node at a time."""
+    acc = T.accepted(SM)
+    return [*T.fleet_history(SM, ["cp-1", "cp-2", "cp-3"]),
+            *T.pipeline(SM, acc, "pl-1", ["cp-1", "cp-2", "cp-3"], T.T0 + T.STEP * 1000, fail=["cp-2"]),
+            *T.upgrade(SM, acc, "cp-1", "up-1", T.T0 + T.STEP * 2000, to_version="1.30")]  # fmt: skip
+
+
+@pytest.fixture
+async def migrations(bus: Bus, redis: Redis, settings: Settings,
+                     projector: Projector) -> AsyncIterator[httpx.AsyncClient]:  # fmt: skip
+    async with api_over([*history(), *control_plane_history()], bus, redis, settings, projector) as c:
         yield c
 
 
@@ -217,6 +234,17 @@ async def test_discovery_lists_ready_clusters_with_endpoints(client: httpx.Async
         ("/v1/rollouts", {"cursor": encode_cursor("c", "ms-1")}, "cursor"),
         ("/v1/rollouts/k131", {"kind": "both"}, "kind"),
         ("/v1/rollouts/k131", {"state": "HALTED"}, "state"),
+        ("/v1/migrations", {"kind": "rotation"}, "kind"),
+        ("/v1/migrations", {"state": "RUNNING"}, "state"),
+        ("/v1/migrations", {"state": "halted"}, "state"),
+        ("/v1/migrations", {"clusterset": "Bad_Name"}, "clusterset"),
+        ("/v1/migrations", {"cluster": "Bad_Id"}, "cluster"),
+        ("/v1/migrations", {"cluster": "c" * 129}, "cluster"),
+        ("/v1/migrations", {"operation": "migrate"}, "operation"),
+        ("/v1/migrations", {"limit": "0"}, "limit"),
+        ("/v1/migrations", {"cursor": encode_cursor("r", "pl-1")}, "cursor"),
+        ("/v1/migrations/pl-1", {"kind": "fleet"}, "kind"),
+        ("/v1/migrations/pl-1", {"state": "HALTED"}, "state"),
     ],
 )
 async def test_bad_query_parameters_are_422_with_a_message(
@@ -236,6 +264,7 @@ async def test_bad_query_parameters_are_422_with_a_message(
         ("/v1/clustersets/nope", "clusterset 'nope'"),
         ("/v1/clustersets/nope/events", "clusterset 'nope'"),
         ("/v1/rollouts/nope", "rollout 'nope'"),
+        ("/v1/migrations/nope", "migration 'nope'"),
     ],
 )
 async def test_unknown_ids_are_404_with_a_message(client: httpx.AsyncClient, url: str, what: str) -> None:
@@ -257,10 +286,15 @@ async def test_health_readiness_and_openapi(
     spec = await get(client, "/openapi.json")
     assert {"/v1/clustersets", "/v1/clustersets/{name}", "/v1/clusters", "/v1/clusters/{cluster_id}",
             "/v1/clusters/{cluster_id}/events", "/v1/discovery", "/healthz", "/readyz", "/v1/rollouts",
-            "/v1/rollouts/{rollout_id}"} <= set(spec["paths"])  # fmt: skip
+            "/v1/rollouts/{rollout_id}", "/v1/migrations",
+            "/v1/migrations/{migration_id}"} <= set(spec["paths"])  # fmt: skip
     params = {p["name"] for p in spec["paths"]["/v1/rollouts"]["get"]["parameters"]}
     assert {"kind", "clusterset", "state", "limit", "cursor", "continue"} <= params
     assert {"ClusterSetRollout", "FleetRollout", "FleetSetEntry", "RolloutPage"} <= set(spec["components"]["schemas"])
+    params = {p["name"] for p in spec["paths"]["/v1/migrations"]["get"]["parameters"]}
+    assert {"kind", "clusterset", "cluster", "state", "limit", "cursor", "continue"} <= params
+    assert {"ControlPlaneOperation", "ControlPlanePipeline", "MigrationStep", "Availability", "MigrationPage",
+            "ClusterControlPlane"} <= set(spec["components"]["schemas"])  # fmt: skip
     params = {p["name"] for p in spec["paths"]["/v1/clusters"]["get"]["parameters"]}
     assert {"clusterset", "state", "env", "cloud", "region", "clusterType", "limit", "cursor", "continue"} <= params
     assert "Cluster" in spec["components"]["schemas"] and "Member" in spec["components"]["schemas"]
@@ -371,6 +405,119 @@ async def test_the_python_client_reads_rollouts(rollouts: httpx.AsyncClient, set
     assert await api.rollout("nope") is None and await api.rollout("k131", kind="clusterset") is None
     with pytest.raises(TypeError, match="unknown rollout kind"):
         await api.rollouts(kind="weekly")
+
+
+# ---------------------------------------------------------------- control-plane migrations and upgrades
+async def test_migrations_upgrades_and_pipelines_listed_and_filtered(migrations: httpx.AsyncClient) -> None:
+    page = await get(migrations, "/v1/migrations")
+    schemas.MigrationPage.model_validate(page)
+    assert [(d["id"], d["kind"], d["state"]) for d in page["items"]] == [
+        ("pl-1", "pipeline", "HALTED"), ("pl-1-cp-1", "migration", "COMPLETED"),
+        ("pl-1-cp-2", "migration", "ROLLED_BACK"), ("up-1", "upgrade", "COMPLETED")] and page["next"] is None
+    assert not {"timeline", "clusters"} & {k for d in page["items"] for k in d}  # long lists: detail only
+    pipeline = page["items"][0]
+    assert (pipeline["succeeded"], pipeline["failed"], pipeline["pending"], pipeline["budgetExceeded"]) == (
+        1, 1, 1, True)
+
+    async def ids(**params: str) -> list[str]:
+        r = await migrations.get("/v1/migrations", params=params)
+        assert r.status_code == 200, r.text
+        return [d["id"] for d in r.json()["items"]]
+
+    assert await ids(kind="pipeline") == ["pl-1"]
+    assert await ids(kind="upgrade") == ["up-1"]
+    assert await ids(kind="migration", clusterset=CORE) == ["pl-1-cp-1", "pl-1-cp-2"]
+    assert await ids(cluster="cp-1") == ["pl-1", "pl-1-cp-1", "up-1"]  # a pipeline is listed under its clusters
+    assert await ids(cluster="cp-3") == ["pl-1"]
+    assert await ids(state="HALTED") == ["pl-1"]
+    assert await ids(state="ROLLED_BACK", cluster="cp-2") == ["pl-1-cp-2"]
+    assert await ids(state="COMPLETED", kind="migration") == ["pl-1-cp-1"]
+    assert await ids(clusterset=MS) == [] and await ids(cluster="ms-1") == []
+
+    seen, token = [], None
+    while True:
+        page = await get(migrations, "/v1/migrations", limit=3, **({"continue": token} if token else {}))
+        seen += [d["id"] for d in page["items"]]
+        token = page["next"]
+        if not token:
+            break
+    assert seen == ["pl-1", "pl-1-cp-1", "pl-1-cp-2", "up-1"]
+
+
+async def test_one_migration_with_its_timeline_and_what_the_cluster_and_set_show(
+    migrations: httpx.AsyncClient,
+) -> None:
+    done = await get(migrations, "/v1/migrations/pl-1-cp-1")
+    schemas.MigrationDetail.model_validate(done)
+    assert (done["kind"], done["state"], done["clusterId"], done["pipelineId"]) == ("migration", "COMPLETED", "cp-1",
+                                                                                    "pl-1")  # fmt: skip
+    assert [(t["phase"], t["step"]) for t in done["timeline"]] == list(T.MIGRATION_STEPS)
+    assert all(t["completedAt"] and t["startedAt"] and t["durationS"] == 0.5 for t in done["timeline"])
+    assert done["availability"]["availabilityPct"] == 99.0 and done["availability"]["downtimeS"] == 2.5
+    assert done["durationS"] == 13.0 and done["members"] == ["cp-1-cp-0", "cp-1-cp-1", "cp-1-cp-2"]
+
+    rolled_back = await get(migrations, "/v1/migrations/pl-1-cp-2")
+    assert rolled_back["failure"]["step"] == "restore-members" and rolled_back["failure"]["rolledBack"] is True
+    assert [t["step"] for t in rolled_back["timeline"] if t["rollback"]] == list(T.ROLLBACK_STEPS)
+
+    upgrade = await get(migrations, "/v1/migrations/up-1")
+    assert upgrade["toVersion"] == "1.30" and upgrade["nodes"] == ["cp-1-cp-0", "cp-1-cp-1", "cp-1-cp-2"]
+    assert len(upgrade["timeline"]) == 13 and upgrade["availability"]["requestsWithoutQuorum"] == 0
+
+    pipeline = await get(migrations, "/v1/migrations/pl-1")
+    schemas.MigrationDetail.model_validate(pipeline)
+    assert [(e["clusterId"], e["state"], e["operationId"]) for e in pipeline["clusters"]] == [
+        ("cp-1", "SUCCEEDED", "pl-1-cp-1"), ("cp-2", "FAILED", "pl-1-cp-2"), ("cp-3", "PENDING", None)]
+    assert pipeline["reason"] == "1 cluster(s) failed; the failure budget is 0" and pipeline["concurrency"] == 2
+    assert (await get(migrations, "/v1/migrations/pl-1", kind="pipeline"))["id"] == "pl-1"
+    assert (await get(migrations, "/v1/migrations/pl-1", 404, kind="migration"))["message"] == \
+        "migration 'pl-1' not found"
+
+    cp1 = await get(migrations, "/v1/clusters/cp-1")
+    assert cp1["state"] == "READY" and cp1["controlPlane"] | {"lastOperation": None} == {
+        "mode": "self-managed", "ha": True, "members": ["cp-1-cp-0", "cp-1-cp-1", "cp-1-cp-2"],
+        "endpoint": "https://cp-1.example.aws.test", "version": "1.30", "lastOperation": None}  # fmt: skip
+    assert cp1["controlPlane"]["lastOperation"]["operationId"] == "up-1"
+    cp2 = await get(migrations, "/v1/clusters/cp-2")
+    assert cp2["controlPlane"]["ha"] is False and cp2["controlPlane"]["lastOperation"]["state"] == "ROLLED_BACK"
+    cp3 = await get(migrations, "/v1/clusters/cp-3")
+    assert cp3["controlPlane"] == {"mode": "self-managed", "ha": False, "members": [], "endpoint": None,
+                                   "version": "1.29", "lastOperation": None}  # fmt: skip
+    events = await get(migrations, "/v1/clusters/cp-2/events")
+    assert events["items"][-1]["type"] == "ControlPlaneMigrationRolledBack"
+    core_set = await get(migrations, f"/v1/clustersets/{CORE}")
+    assert core_set["controlPlanePipeline"]["pipelineId"] == "pl-1" and core_set["controlPlanePipeline"]["state"] \
+        == "HALTED"
+
+
+async def test_an_operation_and_a_pipeline_with_one_id_need_the_kind(
+    migrations: httpx.AsyncClient, bus: Bus, projector: Projector
+) -> None:
+    """Operation ids and pipeline ids are separate key spaces: the same id can name one of each."""
+    await bus.publish(new_event(m.ControlPlaneMigrationRequested(
+        location=SM.metadata.location, clusterset=CORE, cluster_id="cp-3", operation_id="pl-1"), source="planner"))
+    await projector.wait_for(await projector.stream_last_seq(), 20)
+    body = await get(migrations, "/v1/migrations/pl-1", 409)
+    assert body["error"] == "conflict" and "?kind=pipeline" in body["message"]
+    assert (await get(migrations, "/v1/migrations/pl-1", kind="migration"))["state"] == "REQUESTED"
+    assert (await get(migrations, "/v1/migrations/pl-1", kind="pipeline"))["state"] == "HALTED"
+    assert [(d["id"], d["kind"]) for d in (await get(migrations, "/v1/migrations", cluster="cp-3"))["items"]] == [
+        ("pl-1", "migration"), ("pl-1", "pipeline")]
+
+
+async def test_the_python_client_reads_migrations(migrations: httpx.AsyncClient, settings: Settings) -> None:
+    from shared.client import FlotillaClient
+
+    api = FlotillaClient(settings.nats_url, "http://api", page_size=1)
+    await api._http.aclose()
+    api._http = migrations
+    assert [d["id"] for d in await api.migrations()] == ["pl-1", "pl-1-cp-1", "pl-1-cp-2", "up-1"]
+    assert [d["id"] for d in await api.migrations(kind="migration", cluster="cp-2")] == ["pl-1-cp-2"]
+    assert [d["id"] for d in await api.migrations(state="COMPLETED", clusterset=CORE, limit=1)] == ["pl-1-cp-1"]
+    assert (await api.migration("up-1") or {})["kind"] == "upgrade"
+    assert await api.migration("nope") is None and await api.migration("up-1", kind="pipeline") is None
+    with pytest.raises(TypeError, match="unknown migration kind"):
+        await api.migrations(kind="rotation")
 
 
 # ---------------------------------------------------------------- scale

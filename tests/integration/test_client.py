@@ -31,11 +31,14 @@ from shared.events.models import (
     ClusterSetDeleted,
     ClusterSetRejected,
     ClusterSetRetired,
+    ControlPlaneChangeRequested,
+    ControlPlanePipelineRequested,
     FleetRolloutApproved,
     FleetRolloutControlRequested,
     FleetRolloutRejected,
     FleetRolloutRequested,
     FleetRolloutStarted,
+    PipelineCluster,
     RolloutControlRequested,
     RolloutPaused,
 )
@@ -272,6 +275,75 @@ async def test_waiting_for_the_answer_to_an_intent(client: FlotillaClient, bus: 
         assert payload_as(rejected.answer, FleetRolloutRejected).errors[0].field == "clusterType"
     finally:
         await rotation.sub.unsubscribe()
+
+
+# ----------------------------------------------------------------------------- control-plane intents
+CORE = "core-prod-aws-eu-west-1"
+
+
+async def test_control_plane_intents_land_on_clustersets_and_bad_ones_are_refused(
+    client: FlotillaClient, bus: Bus
+) -> None:
+    migrate = await client.request_control_plane_change(CORE, "migrate", cluster_ids=[f"{CORE}-7f3a"],
+                                                        concurrency=2, failure_budget=1)  # fmt: skip
+    assert migrate.subject == subjects.clusterset_controlplane(CORE) == f"clusterset.controlplane.{CORE}"
+    assert not migrate.waited and migrate.answer is None
+    env, headers = await stored(bus, migrate.subject)
+    assert env.id == migrate.event_id == headers["Nats-Msg-Id"] and env.source == "cli"
+    assert payload_as(env, ControlPlaneChangeRequested) == ControlPlaneChangeRequested(
+        clusterset=CORE, operation="migrate", cluster_ids=[f"{CORE}-7f3a"], concurrency=2, failure_budget=1)
+    upgrade = await client.request_control_plane_change(CORE, "upgrade", to_version="1.31")
+    env, headers = await stored(bus, upgrade.subject)
+    assert headers["Nats-Msg-Id"] == upgrade.event_id != migrate.event_id
+    assert payload_as(env, ControlPlaneChangeRequested).to_version == "1.31"
+    assert (await bus.js.stream_info(subjects.STREAM_CLUSTERSETS)).state.messages == 2
+
+    with pytest.raises(InvalidRequest) as bad:
+        await client.request_control_plane_change("Core", "upgrade", cluster_ids=["a", "a"], to_version="1.3.1",
+                                                  concurrency=0, failure_budget=-2)  # fmt: skip
+    assert {e.field for e in bad.value.errors} == {"clusterset", "toVersion", "concurrency", "failureBudget",
+                                                   "clusterIds[1]"}  # fmt: skip
+    with pytest.raises(InvalidRequest, match="toVersion"):
+        await client.request_control_plane_change(CORE, "migrate", to_version="1.31")
+    with pytest.raises(InvalidRequest, match="operation"):
+        await client.request_control_plane_change(CORE, "rollback")
+    assert (await bus.js.stream_info(subjects.STREAM_CLUSTERSETS)).state.messages == 2
+
+
+async def test_waiting_for_the_pipeline_a_control_plane_request_starts(client: FlotillaClient, bus: Bus) -> None:
+    """The planner answers with the pipeline it starts, or a refusal, caused by the request (played here)."""
+    location = Location(env="prod", cloud="aws", region="eu-west-1")
+
+    async def on_msg(msg: Any) -> None:
+        env = Envelope.from_bytes(msg.data)
+        request = payload_as(env, ControlPlaneChangeRequested)
+        if "nope" in request.cluster_ids:
+            await bus.publish(new_event(ClusterSetRejected(clusterset=request.clusterset, errors=[
+                FieldError(field="clusterIds", message="not live clusters of the set: nope")]), source="planner",
+                cause=env))  # fmt: skip
+        elif request.cluster_ids:  # (a stand-in for a planner that never answers)
+            await bus.publish(new_event(ControlPlanePipelineRequested(
+                location=location, clusterset=request.clusterset, pipeline_id=f"pl-{env.id[:8]}",
+                operation=request.operation, concurrency=request.concurrency,
+                clusters=[PipelineCluster(cluster_id=c, clusterset=request.clusterset, location=location)
+                          for c in request.cluster_ids]), source="planner", cause=env))  # fmt: skip
+
+    sub = await bus.js.subscribe(subjects.CONTROLPLANE_INTENTS, stream=subjects.STREAM_CLUSTERSETS,
+                                 ordered_consumer=True, cb=on_msg)  # fmt: skip
+    try:
+        started = await client.request_control_plane_change(CORE, "migrate", cluster_ids=["c1", "c2"],
+                                                            concurrency=2, wait_s=10)  # fmt: skip
+        assert started.answer is not None and started.answer.causation_id == started.event_id
+        pipeline = payload_as(started.answer, ControlPlanePipelineRequested)
+        assert [c.cluster_id for c in pipeline.clusters] == ["c1", "c2"] and pipeline.concurrency == 2
+        refused = await client.request_control_plane_change(CORE, "upgrade", cluster_ids=["nope"], to_version="1.31",
+                                                            wait_s=10)  # fmt: skip
+        assert refused.answer is not None and refused.answer.type == "ClusterSetRejected"
+        assert payload_as(refused.answer, ClusterSetRejected).errors[0].field == "clusterIds"
+        unanswered = await client.request_control_plane_change(CORE, "migrate", wait_s=0.3)
+        assert unanswered.waited and not unanswered.answered
+    finally:
+        await sub.unsubscribe()
 
 
 # ----------------------------------------------------------------------------- watch

@@ -29,6 +29,7 @@ from tests.conftest import example_documents
 DOCS = example_documents()
 CS = T.parse(DOCS["modelserving-prod-aws-us-east-1"])
 AZ = T.parse(DOCS["dataeng-staging-azure-westeurope"])
+SM = T.parse(DOCS["core-prod-aws-eu-west-1"])
 
 
 def history() -> list[Envelope]:
@@ -186,6 +187,55 @@ async def test_rollouts_project_across_batches_and_replicas_like_the_pure_core(
     assert json.loads(views["idx:rollouts:state:HALTED"]) == ["k131\tFleetRollout"]
     assert json.loads(views[f"idx:rollouts:clusterset:{AZ.metadata.name}"]) == ["k131\tFleetRollout"]
     assert "idx:rollouts:state:IN_PROGRESS" not in views  # emptied as the rollouts moved on
+
+    fresh = await rebuild(bus, redis, prefix, swap=False)
+    assert await dump_views(redis, prefix, fresh.namespace) == views
+
+
+def control_plane_history() -> list[Envelope]:
+    """A self-managed set of three clusters; a migration pipeline (two at a time, budget 0) whose second cluster
+    rolls back, halting it before the third; then an upgrade of the first cluster, one node at a time."""
+    acc = T.accepted(SM)
+    return [*T.fleet_history(SM, ["cp-1", "cp-2", "cp-3"]),
+            *T.pipeline(SM, acc, "pl-1", ["cp-1", "cp-2", "cp-3"], T.T0 + T.STEP * 1000, fail=["cp-2"]),
+            *T.upgrade(SM, acc, "cp-1", "up-1", T.T0 + T.STEP * 2000, to_version="1.30")]  # fmt: skip
+
+
+async def test_control_plane_operations_project_across_batches_like_the_pure_core(
+    bus: Bus, redis: Redis, settings: Settings
+) -> None:
+    """An operation's fact changes the operation, its cluster and its pipeline: small batches cut them apart, and
+    the result is still the pure core's, byte for byte, with the /v1/migrations indexes, and a rebuild's."""
+    prefix = settings.redis_prefix
+    events = [*history(), *control_plane_history()]
+    projector = new_projector(bus, redis, settings, batch_size=5)
+    await projector.start()
+    try:
+        for i in range(0, len(events), 11):
+            await publish(bus, events[i:i + 11])
+            await asyncio.sleep(0.005)
+        await projector.wait_for(len(events), 30)
+    finally:
+        await projector.stop()
+    views = await dump_views(redis, prefix)
+    expected = core.Views()
+    for seq, env in enumerate(events, 1):
+        core.apply(expected, seq, env)
+    assert {k: v for k, v in views.items() if not k.startswith(("idx:", "sets"))} == expected.dump()
+
+    pipeline, rolled_back = json.loads(views["migrationpipeline:pl-1"]), json.loads(views["migration:pl-1-cp-2"])
+    assert pipeline["state"] == "HALTED" and [e["state"] for e in pipeline["clusters"]] == ["SUCCEEDED", "FAILED",
+                                                                                            "PENDING"]  # fmt: skip
+    assert rolled_back["state"] == "ROLLED_BACK" and len(rolled_back["timeline"]) == 11
+    assert json.loads(views["cluster:cp-1"])["controlPlane"]["version"] == "1.30"
+    assert json.loads(views["idx:migrations:all"]) == ["pl-1\tpipeline", "pl-1-cp-1\tmigration",
+                                                       "pl-1-cp-2\tmigration", "up-1\tupgrade"]  # fmt: skip
+    assert json.loads(views["idx:migrations:cluster:cp-1"]) == ["pl-1\tpipeline", "pl-1-cp-1\tmigration",
+                                                                "up-1\tupgrade"]  # fmt: skip
+    assert json.loads(views["idx:migrations:cluster:cp-3"]) == ["pl-1\tpipeline"]
+    assert json.loads(views["idx:migrations:state:HALTED"]) == ["pl-1\tpipeline"]
+    assert json.loads(views["idx:migrations:state:COMPLETED"]) == ["pl-1-cp-1\tmigration", "up-1\tupgrade"]
+    assert "idx:migrations:state:IN_PROGRESS" not in views and "idx:migrations:state:REQUESTED" not in views
 
     fresh = await rebuild(bus, redis, prefix, swap=False)
     assert await dump_views(redis, prefix, fresh.namespace) == views

@@ -31,6 +31,7 @@ from shared.client import (
     RequestResult,
     _intent,
     api_url_from_settings,
+    control_plane_change,
     load_clustersets,
     load_fleet_rollout,
     parse_fleet_rollout,
@@ -39,10 +40,14 @@ from shared.config import Settings
 from shared.events import FieldError, Location, new_event
 from shared.events.models import (
     ClusterReady,
+    ClusterSetRejected,
+    ControlPlaneChangeRequested,
+    ControlPlanePipelineRequested,
     FleetRolloutApproved,
     FleetRolloutControlRequested,
     FleetRolloutRejected,
     FleetRolloutRequested,
+    PipelineCluster,
     RolloutControlRequested,
     RolloutPaused,
 )
@@ -142,6 +147,24 @@ class StubClient:
     async def rollout(self, rollout_id: str, kind: str | None = None) -> dict[str, Any] | None:
         return next((r for r in self.rollout_items if r["id"] == rollout_id), None)
 
+    # control planes: validated as the real client does, and recorded with the other requests
+    migration_items: list[dict[str, Any]] = []
+    migration_filters: dict[str, Any] = {}
+
+    async def request_control_plane_change(self, clusterset: str, operation: str, *, cluster_ids: Any = (),
+                                           to_version: str | None = None, concurrency: int = 1,
+                                           failure_budget: int = 0, wait_s: float = 0) -> RequestResult:  # fmt: skip
+        return self._result(control_plane_change(clusterset, operation, cluster_ids=cluster_ids,
+                                                 to_version=to_version, concurrency=concurrency,
+                                                 failure_budget=failure_budget), wait_s)  # fmt: skip
+
+    async def migrations(self, limit: int | None = None, **filters: Any) -> list[dict[str, Any]]:
+        StubClient.migration_filters = {k: v for k, v in filters.items() if v is not None}
+        return self.migration_items[:limit] if limit else self.migration_items
+
+    async def migration(self, migration_id: str, kind: str | None = None) -> dict[str, Any] | None:
+        return next((r for r in self.migration_items if r["id"] == migration_id), None)
+
     async def close(self) -> None:
         self.closed = True
 
@@ -151,7 +174,7 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> type[StubClient]:
     StubClient.instances = []
     knobs: dict[str, Any] = dict(reject={}, timeout_names=set(), known=set(), cluster_items=[], clusterset_items=[],
                                  ready_events=[], fail_with=None, requests=[], answer=None, rollout_items=[],
-                                 rollout_filters={})  # fmt: skip
+                                 rollout_filters={}, migration_items=[], migration_filters={})  # fmt: skip
     for attr, value in knobs.items():
         monkeypatch.setattr(StubClient, attr, value)
     monkeypatch.setattr(cli, "make_client", StubClient)
@@ -661,3 +684,116 @@ def test_parse_fleet_rollout_rules() -> None:
     assert parse_fleet_rollout([1])[1][0].field == "(document)"
     with pytest.raises(InvalidRequest, match="rollout_id|rolloutId"):
         _intent(FleetRolloutApproved, "approval", rollout_id="", stage="s")
+
+
+# ----------------------------------------------------------------------------- control planes
+CORE = "core-prod-aws-eu-west-1"
+
+
+def test_controlplane_migrate_and_upgrade_publish_the_request(stub: type[StubClient]) -> None:
+    result = invoke("controlplane", "migrate", CORE, "--cluster", "c1", "--cluster", "c2", "--concurrency", "2",
+                    "--failure-budget", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (request,) = stub.requests
+    assert request == ControlPlaneChangeRequested(clusterset=CORE, operation="migrate", cluster_ids=["c1", "c2"],
+                                                  concurrency=2, failure_budget=1)  # fmt: skip
+    assert request.subject() == f"clusterset.controlplane.{CORE}"
+    assert f"control-plane migrate of clusterset/{CORE} requested (event ev-1)" in result.stdout
+    result = invoke("controlplane", "upgrade", CORE, "--to-version", "1.31")
+    assert result.exit_code == 0, result.output
+    assert stub.requests[-1] == ControlPlaneChangeRequested(clusterset=CORE, operation="upgrade", to_version="1.31")
+
+
+def test_controlplane_requests_name_every_bad_field_and_publish_nothing(stub: type[StubClient]) -> None:
+    result = invoke("controlplane", "upgrade", "Core_Set", "--to-version", "2.0", "--concurrency", "0",
+                    "--failure-budget", "-1", "--cluster", "c1", "--cluster", "c1", "--cluster", " ")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "invalid control-plane upgrade request; nothing was published" in result.stderr
+    for field in ("clusterset", "toVersion", "concurrency", "failureBudget", "clusterIds[1]", "clusterIds[2]"):
+        assert f"  {field}: " in result.stderr, field
+    missing = invoke("controlplane", "upgrade", CORE)
+    assert missing.exit_code == 2 and "  toVersion: an upgrade needs the version" in missing.stderr
+    too_many = invoke("controlplane", "migrate", CORE, "--concurrency", "101")
+    assert too_many.exit_code == 2 and "  concurrency: " in too_many.stderr
+    assert invoke("controlplane", "migrate", CORE, "--to-version", "1.31").exit_code == 2  # no such option
+    assert invoke("controlplane", "migrate", CORE, "--concurrency", "two").exit_code == 2
+    assert invoke("controlplane", "list", "--kind", "rotation").exit_code == 2
+    assert stub.requests == [] and stub.instances == []  # refused before a client (a connection) was made
+
+
+def test_controlplane_request_waits_for_the_pipeline(stub: type[StubClient]) -> None:
+    loc = Location(env="prod", cloud="aws", region="eu-west-1")
+    started = ControlPlanePipelineRequested(location=loc, clusterset=CORE, pipeline_id="pl-1", operation="migrate",
+                                            clusters=[PipelineCluster(cluster_id="c1", clusterset=CORE, location=loc)],
+                                            concurrency=2)  # fmt: skip
+    stub.answer = new_event(started, source="etcd_migration")
+    result = invoke("controlplane", "migrate", CORE, "--concurrency", "2", "--wait", "5")
+    assert result.exit_code == 0, result.output
+    assert "pipeline pl-1 started over 1 cluster(s), 2 at a time" in result.stdout
+    stub.answer = new_event(ClusterSetRejected(clusterset=CORE, errors=[
+        FieldError(field="operation", message="the set's control planes are HA already")]), source="planner")
+    result = invoke("controlplane", "migrate", CORE, "--wait", "5")
+    assert result.exit_code == 1 and f"control-plane migrate of clusterset/{CORE} rejected" in result.stderr
+    assert "  operation: the set's control planes are HA already" in result.stderr
+    stub.answer = None
+    result = invoke("controlplane", "migrate", CORE, "--wait", "0.5")
+    assert result.exit_code == 1 and "no answer within 0.5s" in result.stderr
+
+
+def _projected_operations() -> list[dict[str, Any]]:
+    """Real read-model documents: a pipeline of two migrations (one rolled back) and a halted upgrade."""
+    from datetime import timedelta
+
+    from services.status_projector import core
+    from services.status_projector import testing as T
+
+    sm = T.parse(example_documents()[CORE])
+    acc = T.accepted(sm)
+    events = [*T.fleet_history(sm, ["c1", "c2"]),
+              *T.pipeline(sm, acc, "pl-1", ["c1", "c2"], T.T0 + timedelta(hours=1), fail=["c2"], failure_budget=1),
+              *T.upgrade(sm, acc, "c1", "up-1", T.T0 + timedelta(hours=2), fail_node=1)]  # fmt: skip
+    views = core.Views()
+    for seq, env in enumerate(events, 1):
+        core.apply(views, seq, env)
+    return sorted([*views.cp_operations.values(), *views.cp_pipelines.values()], key=lambda d: str(d["id"]))
+
+
+def test_controlplane_list_table_json_and_filters(stub: type[StubClient]) -> None:
+    stub.migration_items = _projected_operations()
+    result = invoke("controlplane", "list", "--kind", "MIGRATION", "--state", "rolled_back", "--cluster", "c2",
+                    "--clusterset", CORE)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert stub.migration_filters == {"kind": "migration", "state": "ROLLED_BACK", "cluster": "c2",
+                                      "clusterset": CORE}  # fmt: skip
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"pl-1", "pl-1-c1", "pl-1-c2", "up-1"}
+    assert "HALTED" not in rows["pl-1"] and "1/2 succeeded, 1 failed" in rows["pl-1"]
+    assert "ROLLED_BACK" in rows["pl-1-c2"] and "phase 2 resume-mutations" in rows["pl-1-c2"]
+    assert "95%" in rows["pl-1-c2"] and "13s" in rows["pl-1-c2"]
+    assert "FAILED" in rows["up-1"] and "c1-cp-1 rollback-node" in rows["up-1"] and "1.31" in rows["up-1"]
+    assert json.loads(invoke("controlplane", "list", "-o", "json").stdout) == stub.migration_items
+    stub.migration_items = []
+    assert "no control-plane operations match" in invoke("controlplane", "list").stderr
+
+
+def test_controlplane_get_shows_the_timeline_and_availability(stub: type[StubClient]) -> None:
+    stub.migration_items = _projected_operations()
+    result = invoke("controlplane", "get", "pl-1-c2")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "failed at step restore-members: restore-members: injected failure (rolled back)" in text
+    assert "availability: 95% of 600 requests succeeded (570), longest downtime 9s" in text
+    assert "duration: 13s" in text and "pipeline: pl-1" in text
+    timeline = text[text.index("timeline"):]
+    for step in ("stop-mutations", "create-load-balancers", "remove-new-nodes", "resume-mutations"):
+        assert step in timeline, step
+    assert "restore-members" not in timeline  # it failed: no completion
+    assert "rollback" in timeline and '{"hash":3141592,"revision":10042}' in timeline
+    upgrade = invoke("controlplane", "get", "up-1").stdout
+    assert "failed at node c1-cp-1: validation: hashkv differs (rolled back)" in upgrade
+    assert "nodes: c1-cp-0 c1-cp-1" in upgrade and "availability: 100% of 900 requests" in upgrade
+    pipeline = invoke("controlplane", "get", "pl-1").stdout
+    assert "clusters" in pipeline and re.search(r"c2\s+FAILED\s+pl-1-c2\s+ROLLED_BACK", pipeline)
+    assert json.loads(invoke("controlplane", "get", "up-1", "-o", "json").stdout)["kind"] == "upgrade"
+    missing = invoke("controlplane", "get", "nope")
+    assert missing.exit_code == 1 and "control-plane operation 'nope' not found" in missing.stderr

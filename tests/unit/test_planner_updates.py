@@ -64,8 +64,11 @@ def changed(doc: dict, path: str, value: Any) -> dict:
 SPEC = ClusterSpec.model_validate(copy.deepcopy({k: v for k, v in DATAENG["spec"].items()
                                                  if k not in ("count", "updateStrategy")}))  # fmt: skip
 POOL = "spark-executor"
+SELF_MANAGED = ClusterSpec.model_validate({k: v for k, v in EXAMPLES["core-prod-aws-eu-west-1"]["spec"].items()
+                                           if k not in ("count", "updateStrategy")})  # fmt: skip
 FIELD_CASES: dict[str, tuple[str, Any]] = {
     "kubernetesVersion": ("kubernetesVersion", "1.31"),
+    "kubernetesVersion (self-managed)": ("kubernetesVersion", "1.31"),
     "features": ("features", ["byon", "private-connectivity"]),
     "network": ("network", {"vnetId": "/subscriptions/0000/other", "subnetIds": ["snet-c"]}),
     "controlPlane.mode": ("controlPlane", {"mode": "self-managed"}),
@@ -89,7 +92,8 @@ def test_every_rule_has_a_case():
 @pytest.mark.parametrize("rule", rules.RULES, ids=lambda r: r.field)
 def test_rule_table(rule: rules.Rule):
     path, value = FIELD_CASES[rule.field]
-    base = SPEC.model_dump(mode="json", by_alias=True)
+    spec = SELF_MANAGED if rule.field in ("kubernetesVersion (self-managed)", "controlPlane.ha") else SPEC
+    base = spec.model_dump(mode="json", by_alias=True)
     new = copy.deepcopy(base)
     if rule.field == "nodePools":
         new["nodePools"].append({"name": "extra", "instanceTypes": ["Standard_D4s_v5"], "minCount": 0, "maxCount": 2})
@@ -101,9 +105,10 @@ def test_rule_table(rule: rules.Rule):
         for p in parents:
             node = node[int(p)] if p.isdigit() else node[p]
         node[leaf] = value
-    changes = rules.diff(SPEC, ClusterSpec.model_validate(new))
+    changes = rules.diff(spec, ClusterSpec.model_validate(new))
     kinds = {c.rule.field: c.kind for c in changes}
     assert kinds.get(rule.field) == rule.kind, changes
+    assert len(changes) == 1, changes
     if rule.field.startswith("nodePools[]."):
         assert any(c.field == f"nodePools[{POOL}].{rule.field.split('.')[-1]}" for c in changes)
 

@@ -12,6 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.status_projector import controlplane as cp
 from services.status_projector import core, render, schemas
 from services.status_projector import testing as T
 from services.status_projector.core import Views, apply
@@ -24,6 +25,7 @@ from tests.conftest import EXAMPLES_DIR, example_documents
 DOCS = example_documents()
 CS = T.parse(DOCS["modelserving-prod-aws-us-east-1"])
 AZ = T.parse(DOCS["dataeng-staging-azure-westeurope"])
+SM = T.parse(DOCS["core-prod-aws-eu-west-1"])  # self-managed control planes, one node (not HA)
 NAME = CS.metadata.name
 LOC = CS.metadata.location
 ACC = T.accepted(CS)
@@ -252,22 +254,205 @@ def test_a_fact_before_the_request_still_gets_a_view_and_the_request_fills_it_in
     assert doc["createdAt"] == core.ts(full[1].time)
 
 
-def test_control_plane_operations_are_shown_without_changing_state() -> None:
-    views, _ = ready_cluster()
-    cp: dict[str, Any] = dict(common(), operation_id="op1")
+# ---------------------------------------------------------------- control-plane operations
+SM_ACC = T.accepted(SM)
+SM_NAME, SM_LOC = SM.metadata.name, SM.metadata.location
+
+
+def self_managed(*cluster_ids: str) -> Views:
+    return run(T.fleet_history(SM, list(cluster_ids)))
+
+
+def cp_common(cid: str = "s1", op: str = "op1", **kw: Any) -> dict[str, Any]:
+    return dict(location=SM_LOC, clusterset=SM_NAME, cluster_id=cid, operation_id=op, **kw)
+
+
+def test_a_migration_has_a_step_timeline_availability_and_shows_on_the_cluster() -> None:
+    views = self_managed("s1")
+    before = render.cluster_view(views.clusters["s1"], None)["controlPlane"]
+    assert before == {"mode": "self-managed", "ha": False, "members": [], "endpoint": None, "version": "1.29",
+                      "lastOperation": None}  # fmt: skip
+    events = T.migration(SM, SM_ACC, "s1", "op1", T.T0 + timedelta(hours=1))
+    states = []
+    for i, env in enumerate(events, 100):
+        apply(views, i, env)
+        states.append(views.cp_operations["op1"]["state"])
+    assert states == ["REQUESTED", *["IN_PROGRESS"] * len(T.MIGRATION_STEPS), "COMPLETED"]
+    doc = views.cp_operations["op1"]
+    assert (doc["kind"], doc["clusterId"], doc["clusterset"], doc["pipelineId"]) == ("migration", "s1", SM_NAME, None)
+    assert doc["location"] == {"env": "prod", "cloud": "aws", "region": "eu-west-1"}
+    assert (doc["phase"], doc["step"]) == (3, "open-load-balancers") and doc["failure"] is None
+    assert doc["kubernetesVersion"] == "1.29"
+    assert doc["members"] == ["s1-cp-0", "s1-cp-1", "s1-cp-2"] and doc["endpoint"] == "https://s1.example.aws.test"
+    assert doc["reason"] == "controlPlane.ha false -> true"
+    assert doc["configHash"] == SM.spec.cluster_spec().config_hash()
+    timeline = doc["timeline"]
+    assert [(t["phase"], t["step"]) for t in timeline] == list(T.MIGRATION_STEPS)
+    assert timeline[1] == {"phase": 1, "node": None, "step": "stop-mutations", "rollback": False,
+                           "startedAt": "2026-11-21T11:00:01.500000Z", "completedAt": "2026-11-21T11:00:02Z",
+                           "durationS": 0.5, "detail": {}, "eventId": events[2].id}  # fmt: skip
+    assert timeline[2]["detail"] == {"revision": 10042, "hash": 3141592}
+    assert doc["availability"] == {"requests": 1200, "succeeded": 1188, "availabilityPct": 99.0, "downtimeS": 2.5,
+                                   "requestsWithoutQuorum": 0, "succeededWithoutQuorum": 0}  # fmt: skip
+    assert doc["availabilityPct"] == 99.0
+    assert (doc["requestedAt"], doc["completedAt"], doc["durationS"]) == ("2026-11-21T11:00:00Z",
+                                                                          "2026-11-21T11:00:13Z", 13.0)
+    cluster = views.clusters["s1"]
+    assert cluster["state"] == "READY"  # it kept serving throughout
+    view = render.cluster_view(cluster, None)["controlPlane"]
+    assert view | {"lastOperation": None} == {"mode": "self-managed", "ha": True, "members": doc["members"],
+                                              "endpoint": "https://s1.example.aws.test", "version": "1.29",
+                                              "lastOperation": None}  # fmt: skip
+    assert view["lastOperation"] == {k: doc[k] for k in cp.OPERATION_SUMMARY_KEYS}
+    assert [h["type"] for h in views.history["cluster:s1"]][-2:] == ["ControlPlaneMigrationStepCompleted",
+                                                                      "ControlPlaneMigrationCompleted"]
+    assert cp.index_entries(doc) == {("kind", "migration"), ("state", "COMPLETED"), ("clusterset", SM_NAME),
+                                     ("cluster", "s1")}  # fmt: skip
+    assert "timeline" not in render.migration_listing(doc) and render.migration_listing(doc)["members"]
+
+
+def test_a_failed_migration_rolls_back_and_a_rerun_completes() -> None:
+    views = self_managed("s1")
+    failed = T.migration(SM, SM_ACC, "s1", "op1", T.T0 + timedelta(hours=1), fail_at="restore-members")
+    states = []
+    for i, env in enumerate(failed, 100):
+        apply(views, i, env)
+        states.append(views.cp_operations["op1"]["state"])
+    assert states == ["REQUESTED", *["IN_PROGRESS"] * 7, *["ROLLING_BACK"] * 5, "ROLLED_BACK"]
+    doc = views.cp_operations["op1"]
+    assert doc["failure"] | {"eventId": None} == {"step": "restore-members", "node": None,
+                                                  "reason": "restore-members: injected failure", "rollingBack": False,
+                                                  "rolledBack": True, "time": "2026-11-21T11:00:08Z",
+                                                  "eventId": None}  # fmt: skip
+    assert doc["rollback"] == {"fromStep": "restore-members", "reason": "injected failure",
+                               "time": "2026-11-21T11:00:13Z"}  # fmt: skip
+    assert [t["step"] for t in doc["timeline"] if t["rollback"]] == list(T.ROLLBACK_STEPS)
+    assert doc["availability"]["downtimeS"] == 9.0 and doc["durationS"] == 13.0
+    cluster = render.cluster_view(views.clusters["s1"], None)["controlPlane"]
+    assert cluster["ha"] is False and cluster["members"] == [] and cluster["lastOperation"]["state"] == "ROLLED_BACK"
+
+    rerun = T.migration(SM, SM_ACC, "s1", "op2", T.T0 + timedelta(hours=2))
+    run(rerun, views, start_seq=200)
+    # A late fact of the first attempt (redone after a crash, a new event id) changes neither it nor the cluster.
+    late = ev(m.ControlPlaneMigrationStepCompleted(**cp_common(), phase=2, step="restore-members", rollback=True), 5)
+    apply(views, 300, late)
+    assert views.cp_operations["op1"]["state"] == "ROLLED_BACK" and views.cp_operations["op2"]["state"] == "COMPLETED"
+    cluster = render.cluster_view(views.clusters["s1"], None)["controlPlane"]
+    assert cluster["ha"] is True and cluster["lastOperation"]["operationId"] == "op2"
+
+
+def test_operation_state_guards() -> None:
+    views = self_managed("s1")
+    step = ev(m.ControlPlaneMigrationStepCompleted(**cp_common(), phase=1, step="stop-mutations"), 61)
     run([
-        ev(m.ControlPlaneMigrationRequested(**cp), 80),
-        ev(m.ControlPlaneMigrationStepCompleted(**cp, phase=1, step="snapshot"), 81),
-        ev(m.ControlPlaneMigrationCompleted(**cp, availability_pct=99.9), 82),
+        ev(m.ControlPlaneMigrationRequested(**cp_common()), 60),
+        step,
+        ev(m.ControlPlaneMigrationStepCompleted(**cp_common(), phase=1, step="stop-mutations", detail={"x": 1}), 62),
+        ev(m.ControlPlaneMigrationFailed(**cp_common(), step="snapshot-save", reason="disk full", rolling_back=False),
+           63),
+        ev(m.ControlPlaneMigrationStepCompleted(**cp_common(), phase=1, step="snapshot-save"), 64),
+        ev(m.ControlPlaneMigrationRequested(**cp_common()), 65),
     ], views, start_seq=100)  # fmt: skip
-    doc = views.clusters["c1"]
-    assert doc["state"] == "READY"
-    op = doc["controlPlaneOperation"]
-    assert op["kind"] == "migration" and op["state"] == "COMPLETED" and op["phase"] == 1
-    assert op["step"] == "snapshot" and op["availabilityPct"] == 99.9 and op["startedAt"] == "2026-11-21T11:20:00Z"
-    apply(views, 200, ev(m.ControlPlaneUpgradeRequested(**dict(cp, operation_id="op2"), to_version="1.31"), 83))
-    op = views.clusters["c1"]["controlPlaneOperation"]
-    assert op["operationId"] == "op2" and op["kind"] == "upgrade" and op["toVersion"] == "1.31"
+    doc = views.cp_operations["op1"]
+    assert doc["state"] == "FAILED" and doc["failure"]["rollingBack"] is False and doc["completedAt"] is not None
+    assert [t["eventId"] for t in doc["timeline"]] == [step.id, "e-ControlPlaneMigrationStepCompleted-64"]
+    assert doc["timeline"][0]["detail"] == {}  # the step redone after a crash keeps its first completion
+    assert doc["timeline"][0]["startedAt"] == doc["requestedAt"] == "2026-11-21T11:00:00Z"  # no start reported
+    run([ev(m.ControlPlaneMigrationRolledBack(**cp_common(), from_step="snapshot-save"), 66),
+         ev(m.ControlPlaneMigrationCompleted(**cp_common(), members=["a", "b", "c"]), 67)], views, start_seq=200)
+    doc = views.cp_operations["op1"]
+    assert doc["state"] == "ROLLED_BACK" and doc["completedAt"] == "2026-11-21T11:06:00Z" and doc["members"] == []
+    assert doc["durationS"] == 360.0
+    assert render.cluster_view(views.clusters["s1"], None)["controlPlane"]["ha"] is False  # not completed after all
+    # Rolling back: a forward step does not end the rollback.
+    run([ev(m.ControlPlaneMigrationFailed(**cp_common(op="op3"), step="create_nodes", reason="quota",
+                                          rolling_back=True), 70),
+         ev(m.ControlPlaneMigrationStepCompleted(**cp_common(op="op3"), phase=2, step="create_nodes"), 71)],
+        views, start_seq=300)  # fmt: skip
+    assert views.cp_operations["op3"]["state"] == "ROLLING_BACK"
+    # Facts of a deleted cluster's operation are kept on the operation, not on the cluster.
+    deleted = self_managed("s2")
+    run(T.retire(SM, SM_ACC, "s2", T.T0 + timedelta(hours=1)), deleted, start_seq=100)
+    apply(deleted, 200, ev(m.ControlPlaneUpgradeRequested(**cp_common("s2", "op9"), to_version="1.30"), 80))
+    assert deleted.clusters["s2"]["controlPlane"] is None and deleted.cp_operations["op9"]["toVersion"] == "1.30"
+
+
+def test_an_upgrade_goes_one_node_at_a_time_and_a_failing_node_halts_it() -> None:
+    views = self_managed("s1", "s2")
+    run(T.upgrade(SM, SM_ACC, "s1", "up1", T.T0 + timedelta(hours=1), to_version="1.30"), views, start_seq=100)
+    doc = views.cp_operations["up1"]
+    assert (doc["kind"], doc["state"], doc["toVersion"]) == ("upgrade", "COMPLETED", "1.30")
+    # The cluster-wide precheck runs on no node of its own: the nodes touched are the members, in order.
+    assert doc["nodes"] == ["s1-cp-0", "s1-cp-1", "s1-cp-2"] and (doc["node"], doc["step"]) == ("s1-cp-2", "validate")
+    assert [(t["node"], t["step"]) for t in doc["timeline"][:5]] == [("cluster", "precheck"),
+                                                                     *(("s1-cp-0", s) for s in T.UPGRADE_STEPS)]
+    # Upgrade steps report no start: each began when the one before it ended.
+    assert [t["startedAt"] for t in doc["timeline"][1:]] == [t["completedAt"] for t in doc["timeline"][:-1]]
+    assert doc["timeline"][1]["phase"] is None and doc["timeline"][1]["detail"] == {"version": "1.30"}
+    assert doc["timeline"][0]["detail"]["order"] == doc["nodes"] and len(doc["timeline"]) == 13
+    assert doc["availability"]["availabilityPct"] == 100.0
+    assert render.cluster_view(views.clusters["s1"], None)["controlPlane"]["version"] == "1.30"
+
+    states = []
+    for i, env in enumerate(T.upgrade(SM, SM_ACC, "s2", "up2", T.T0 + timedelta(hours=2), fail_node=1), 200):
+        apply(views, i, env)
+        states.append(views.cp_operations["up2"]["state"])
+    assert states[-4:] == ["IN_PROGRESS", "ROLLING_BACK", "ROLLING_BACK", "FAILED"]  # the node first, then the halt
+    doc = views.cp_operations["up2"]
+    assert doc["state"] == "FAILED" and doc["nodes"] == ["s2-cp-0", "s2-cp-1"]
+    assert doc["failure"] | {"eventId": None, "time": None} == {
+        "step": None, "node": "s2-cp-1", "reason": "validation: hashkv differs", "rollingBack": False,
+        "rolledBack": True, "eventId": None, "time": None}  # fmt: skip
+    assert doc["timeline"][-1] | {"eventId": None} == doc["timeline"][-1] | {
+        "node": "s2-cp-1", "step": "rollback-node", "rollback": True, "eventId": None}
+    assert render.cluster_view(views.clusters["s2"], None)["controlPlane"]["version"] == "1.29"
+
+
+def test_a_pipeline_halts_past_its_failure_budget() -> None:
+    ids = ["s1", "s2", "s3", "s4", "s5"]
+    views = self_managed(*ids)
+    events = T.pipeline(SM, SM_ACC, "pl1", ids, T.T0 + timedelta(hours=1), fail=["s3"], failure_budget=0)
+    run(events, views, start_seq=1000)
+    doc = views.cp_pipelines["pl1"]
+    assert (doc["state"], doc["operation"], doc["concurrency"], doc["failureBudget"]) == ("HALTED", "migrate", 2, 0)
+    assert doc["reason"] == "1 cluster(s) failed; the failure budget is 0" and doc["halted"]["reason"] == doc["reason"]
+    assert [(e["clusterId"], e["state"], e["operationState"]) for e in doc["clusters"]] == [
+        ("s1", "SUCCEEDED", "COMPLETED"), ("s2", "SUCCEEDED", "COMPLETED"), ("s3", "FAILED", "ROLLED_BACK"),
+        ("s4", "SUCCEEDED", "COMPLETED"), ("s5", "PENDING", None)]  # fmt: skip
+    assert (doc["succeeded"], doc["failed"], doc["inFlight"], doc["pending"]) == (3, 1, 0, 1)
+    assert doc["counts"] == {"PENDING": 1, "IN_PROGRESS": 0, "SUCCEEDED": 3, "FAILED": 1}
+    assert doc["budgetExceeded"] is True and doc["failedClusters"] == ["s3"] and doc["completedAt"] is None
+    assert views.cp_operations["pl1-s3"]["pipelineId"] == "pl1" and "pl1-s5" not in views.cp_operations
+    assert views.clustersets[SM_NAME]["controlPlanePipeline"] == {
+        "pipelineId": "pl1", "operation": "migrate", "state": "HALTED", "toVersion": None,
+        "requestedAt": doc["requestedAt"], "completedAt": None, "updatedAt": doc["updatedAt"]}  # fmt: skip
+    assert cp.index_entries(doc) == {("kind", "pipeline"), ("state", "HALTED"), ("clusterset", SM_NAME),
+                                     *(("cluster", c) for c in ids)}  # fmt: skip
+    assert "clusters" not in render.migration_listing(doc)
+    # A completion after the halt (the clusters in flight finished) records the end; the halt stands.
+    base: dict[str, Any] = dict(location=SM_LOC, clusterset=SM_NAME, pipeline_id="pl1")
+    apply(views, 2000, ev(m.ControlPlanePipelineCompleted(**base, succeeded=["s5"], failed=["s1"]), 300))
+    doc = views.cp_pipelines["pl1"]
+    assert doc["state"] == "HALTED" and doc["completedAt"] is not None and doc["durationS"] is not None
+    assert [e["state"] for e in doc["clusters"]] == ["SUCCEEDED", "SUCCEEDED", "FAILED", "SUCCEEDED", "SUCCEEDED"]
+
+
+def test_a_pipeline_of_upgrades_completes_and_facts_before_its_request_are_kept() -> None:
+    views = self_managed("s1", "s2")
+    events = T.pipeline(SM, SM_ACC, "pl2", ["s1", "s2"], T.T0 + timedelta(hours=1), operation="upgrade",
+                        concurrency=1)  # fmt: skip
+    run([*events[1:3], events[0], *events[3:]], views, start_seq=100)  # an operation's facts before the request
+    doc = views.cp_pipelines["pl2"]
+    assert doc["state"] == "COMPLETED" and doc["toVersion"] == "1.31" and doc["succeeded"] == 2
+    assert [e["clusterId"] for e in doc["clusters"]] == ["s1", "s2"]
+    assert doc["durationS"] == (events[-1].time - events[0].time).total_seconds()
+    assert views.clustersets[SM_NAME]["controlPlanePipeline"]["state"] == "COMPLETED"
+    # A stray fact of an older pipeline does not replace the running one in the set's summary.
+    base: dict[str, Any] = dict(location=SM_LOC, clusterset=SM_NAME)
+    run([ev(m.ControlPlanePipelineRequested(**base, pipeline_id="pl3", operation="migrate", clusters=[]), 400),
+         ev(m.ControlPlanePipelineProgressed(**base, pipeline_id="pl2", succeeded=[], failed=[], in_flight=[],
+                                             pending=0), 401)], views, start_seq=500)  # fmt: skip
+    assert views.clustersets[SM_NAME]["controlPlanePipeline"]["pipelineId"] == "pl3"
 
 
 # ---------------------------------------------------------------- cluster sets
@@ -574,10 +759,11 @@ def test_a_rejected_fleet_rollout_and_a_refused_patch() -> None:
 
 def test_rollout_index_members_sort_by_id_across_kinds() -> None:
     from services.status_projector import rollouts as ro
+    from services.status_projector.docs import member, split_member
 
-    members = sorted([ro.member(ro.KIND_FLEET, "abc"), ro.member(ro.KIND_SET, "abc-x"), ro.member(ro.KIND_SET, "ab")])
-    assert [ro.split_member(x) for x in members] == [(ro.KIND_SET, "ab"), (ro.KIND_FLEET, "abc"),
-                                                      (ro.KIND_SET, "abc-x")]  # fmt: skip
+    members = sorted([member(ro.KIND_FLEET, "abc"), member(ro.KIND_SET, "abc-x"), member(ro.KIND_SET, "ab")])
+    assert [split_member(x) for x in members] == [(ro.KIND_SET, "ab"), (ro.KIND_FLEET, "abc"),
+                                                  (ro.KIND_SET, "abc-x")]  # fmt: skip
     views, _ = fleet_views()
     assert ro.index_entries(views.fleet_rollouts["k131"]) == {
         ("kind", "FleetRollout"), ("state", "HALTED"), ("clusterset", NAME), ("clusterset", AZ.metadata.name)}
@@ -673,6 +859,10 @@ def _rich_views() -> Views:
         ev(m.ClusterResourcesUpdated(**common("c1"), generation=2, config_hash="h2", resources={}), 9),
         ev(m.ClusterDrained(**common("c3"), rollout_id="r1", timed_out=True, remaining=3), 10),
     ], views, start_seq=1000)  # fmt: skip
+    sm = T.fleet_history(SM, ["s1", "s2", "s3"])
+    sm += T.pipeline(SM, SM_ACC, "pl1", ["s1", "s2", "s3"], T.T0 + timedelta(hours=1), fail=["s2"], failure_budget=1)
+    sm += T.upgrade(SM, SM_ACC, "s1", "up1", T.T0 + timedelta(hours=2), fail_node=2)
+    run(sm, views, start_seq=2000)
     fleet, _ = fleet_views()
     views.fleet_rollouts.update(fleet.fleet_rollouts)
     views.rollouts.update(fleet.rollouts)
@@ -700,6 +890,12 @@ def test_rendered_documents_match_the_published_schemas() -> None:
     for doc in [*views.rollouts.values(), *views.fleet_rollouts.values()]:
         schemas.RolloutDetail.model_validate(doc)
         schemas.RolloutPage.model_validate({"items": [render.rollout_listing(doc)], "next": None})
+    assert {d["kind"] for d in views.cp_operations.values()} == {"migration", "upgrade"} and views.cp_pipelines
+    assert {d["state"] for d in views.cp_operations.values()} == {"REQUESTED", "COMPLETED", "ROLLED_BACK", "FAILED"}
+    for doc in [*views.cp_operations.values(), *views.cp_pipelines.values()]:
+        schemas.MigrationDetail.model_validate(doc)
+        schemas.MigrationPage.model_validate({"items": [render.migration_listing(doc)], "next": None})
+    assert views.clusters["s1"]["controlPlane"]["lastOperation"]["kind"] == "upgrade"
 
 
 def test_index_entries() -> None:
@@ -769,7 +965,19 @@ def _pool() -> list[Envelope]:
                                                       "ClusterResourceDeprovisioned")]  # fmt: skip
     fleet = T.fleet_rollout_history("k131", (CS, ["c1"]), (AZ, ["b1"]), T.T0 + timedelta(hours=2))
     fleet = [e for e in fleet if e.type.startswith("FleetRollout") or e.type.startswith("ClusterSet")]
-    return [*T.fleet_history(CS, ["c1", "c2"], retired=["c2"]), *extra, *rotation, *fleet]
+    # Control-plane operations of the same clusters: a pipeline of two migrations (one rolled back, halting it),
+    # a retry of the failed one, an upgrade whose second node fails; plus a redone step (new id, same step).
+    start = T.T0 + timedelta(hours=3)
+    cps = [*T.pipeline(CS, ACC, "pl", ["c1", "c2"], start, fail=["c2"]),
+           *T.migration(CS, ACC, "c2", "retry", start + timedelta(hours=1)),
+           *T.upgrade(CS, ACC, "c1", "up", start + timedelta(hours=2), fail_node=1),
+           ev(m.ControlPlaneMigrationStepCompleted(**common("c2"), operation_id="retry", phase=1, step="stop-node"),
+              14),
+           ev(m.ControlPlanePipelineCompleted(location=LOC, clusterset=NAME, pipeline_id="pl", succeeded=["c1"],
+                                              failed=["c2"]), 15)]  # fmt: skip
+    cps = [e for e in cps if e.type != "ControlPlaneMigrationStepCompleted" or e.data["step"] in
+           ("stop-mutations", "restore-members", "stop-node", "remove-new-nodes")]  # fmt: skip
+    return [*T.fleet_history(CS, ["c1", "c2"], retired=["c2"]), *extra, *rotation, *fleet, *cps]
 
 
 POOL = _pool()
@@ -795,14 +1003,21 @@ def test_applying_an_event_again_changes_nothing(order: list[int], repeats: list
 def _documents(views: Views) -> dict[str, dict[str, dict[str, Any]]]:
     """The documents of a Views by their Redis key prefix."""
     return {"cluster": views.clusters, "clusterset": views.clustersets, "rollout": views.rollouts,
-            "fleetrollout": views.fleet_rollouts}  # fmt: skip
+            "fleetrollout": views.fleet_rollouts, "migration": views.cp_operations,
+            "migrationpipeline": views.cp_pipelines}  # fmt: skip
+
+
+def named(touch: core.Touch) -> list[tuple[str, str | None]]:
+    """The documents a Touch names, by their Redis key prefix."""
+    return [("cluster", touch.cluster), ("clusterset", touch.clusterset), ("rollout", touch.rollout),
+            ("fleetrollout", touch.fleet_rollout), ("migration", touch.operation),
+            ("migrationpipeline", touch.pipeline)]  # fmt: skip
 
 
 def load_touched(views: Views, touch: core.Touch, stored: dict[str, str]) -> None:
     """What the projector does before a batch: load every stored document the event names."""
     docs = _documents(views)
-    for prefix, key in (("cluster", touch.cluster), ("clusterset", touch.clusterset), ("rollout", touch.rollout),
-                        ("fleetrollout", touch.fleet_rollout)):  # fmt: skip
+    for prefix, key in named(touch):
         if key and f"{prefix}:{key}" in stored:
             docs[prefix][key] = json.loads(stored[f"{prefix}:{key}"])
 
@@ -816,13 +1031,11 @@ def test_touched_names_every_document_an_event_changes(order: list[int]) -> None
         env = POOL[i]
         before = {p: {k: core.canonical(v) for k, v in d.items()} for p, d in _documents(views).items()}
         apply(views, seq, env)
-        touch = core.touched(env)
-        named = {("cluster", touch.cluster), ("clusterset", touch.clusterset), ("rollout", touch.rollout),
-                 ("fleetrollout", touch.fleet_rollout)}  # fmt: skip
+        touch = set(named(core.touched(env)))
         for prefix, docs in _documents(views).items():
             for key, doc in docs.items():
                 if before[prefix].get(key) != core.canonical(doc):
-                    assert (prefix, key) in named, (env.type, prefix, key)
+                    assert (prefix, key) in touch, (env.type, prefix, key)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -884,6 +1097,14 @@ def test_state_invariants(order: list[int]) -> None:
         for doc in views.fleet_rollouts.values():
             assert doc["state"] in schemas.FleetRolloutStateName.__args__  # type: ignore[attr-defined]
             assert doc["failed"] + doc["succeeded"] + doc["inFlight"] <= len(doc["sets"])
+        for doc in views.cp_operations.values():
+            assert doc["state"] in cp.OPERATION_STATES
+            assert (doc["completedAt"] is not None) == (doc["state"] in ("COMPLETED", "ROLLED_BACK", "FAILED"))
+            assert len({(t["phase"], t["node"], t["step"], t["rollback"]) for t in doc["timeline"]}) \
+                == len(doc["timeline"])
+        for doc in views.cp_pipelines.values():
+            assert doc["state"] in cp.PIPELINE_STATES
+            assert doc["failed"] + doc["succeeded"] + doc["inFlight"] + doc["pending"] == len(doc["clusters"])
 
 
 def test_published_state_enum_is_the_state_machine() -> None:
@@ -896,3 +1117,8 @@ def test_published_state_enum_is_the_state_machine() -> None:
     assert schemas.StageStateName.__args__ == ro.STAGE_STATES  # type: ignore[attr-defined]
     assert schemas.SetEntryStateName.__args__ == ro.SET_ENTRY_STATES  # type: ignore[attr-defined]
     assert set(schemas.RolloutKindName.__args__) == set(ro.KINDS)  # type: ignore[attr-defined]
+    assert schemas.OperationStateName.__args__ == cp.OPERATION_STATES  # type: ignore[attr-defined]
+    assert schemas.PipelineStateName.__args__ == cp.PIPELINE_STATES  # type: ignore[attr-defined]
+    assert schemas.MigrationStateName.__args__ == cp.ALL_STATES  # type: ignore[attr-defined]
+    assert schemas.MigrationKindName.__args__ == cp.KINDS  # type: ignore[attr-defined]
+    assert set(schemas.OperationKindName.__args__) == set(cp.OPERATION_KIND.values())  # type: ignore[attr-defined]

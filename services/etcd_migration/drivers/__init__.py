@@ -1,0 +1,1 @@
+"""Control-plane drivers: `local` (real etcd processes on loopback) and `sim` (fleet-scale runs)."""
