@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -221,6 +223,11 @@ class Stack:
         self.run_dir = (self.options.run_dir or DEFAULT_RUN_DIR).resolve()
         self.log_dir = self.run_dir / "logs"
 
+    @property
+    def controlplane_dir(self) -> Path:
+        """The local control-plane driver's machines (etcd data, proxies) for the self-managed examples."""
+        return self.run_dir / "controlplanes"
+
     def say(self, message: str | Text) -> None:
         """Operator messages go to stderr (stdout's last line is the READY line); never wrapped mid-path."""
         self.err.print(message, soft_wrap=True)
@@ -241,8 +248,10 @@ class Stack:
         self._lock.truncate(0)
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        # Local control planes (etcd, load-balancer proxies) run in their own sessions: stop any a crashed run left.
+        stop_control_planes(self.controlplane_dir)
         if not self.options.keep_state:
-            for sub in ("nats", "redis", "logs"):
+            for sub in ("nats", "redis", "logs", "controlplanes"):
                 shutil.rmtree(self.run_dir / sub, ignore_errors=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -261,7 +270,8 @@ class Stack:
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         return service_env(nats.port, redis.port, prefix=os.environ.get("FLOTILLA_REDIS_PREFIX", "flotilla"),
                            FLOTILLA_API_HOST="127.0.0.1", FLOTILLA_API_PORT=str(api_port),
-                           PYTHONPATH=pythonpath, **sim)  # fmt: skip
+                           FLOTILLA_CONTROLPLANE_STATE_DIR=str(self.controlplane_dir), PYTHONPATH=pythonpath,
+                           **sim)  # fmt: skip
 
     def _start_services(self, env: dict[str, str]) -> None:
         for name in self.options.services:
@@ -293,6 +303,7 @@ class Stack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         self.children.clear()
+        stop_control_planes(self.controlplane_dir)
         for server in reversed(self.servers):
             server.stop()
         self.servers.clear()
@@ -370,9 +381,56 @@ class Stack:
             self.say(f"other terminals: export FLOTILLA_NATS_URL=nats://127.0.0.1:{nats.port} "
                      f"FLOTILLA_API_URL={self.api_url}; flotilla get clusters")  # fmt: skip
             await self._guard(self._apply(client, loaded.documents))
-            return await self._watch(client, expected)
+            code = await self._watch(client, expected, until_ready=True)
+            if code != 0 or self._stopping.is_set():
+                return code
+            await self._guard(self._migrate_self_managed(client, loaded.documents))
+            return code if opts.once else await self._watch(client, expected, until_ready=False)
 
-    async def _watch(self, client: FlotillaClient, expected: dict[str, int]) -> int:
+    async def _migrate_self_managed(self, client: FlotillaClient, docs: list[SourceDocument]) -> None:
+        """Show the control-plane migration: every self-managed set with one control-plane node goes to three
+        (HA) on the local driver (real etcd), and what the prober measured is printed."""
+        for doc in docs:
+            spec = doc.document.get("spec", {})
+            plane = spec.get("controlPlane") or {}
+            if plane.get("mode") != "self-managed" or plane.get("ha"):
+                continue
+            ha = copy.deepcopy(doc.document)
+            ha["spec"]["controlPlane"] = {**plane, "ha": True}
+            result = await client.apply(ha, wait_s=self.options.apply_wait_s)
+            if not result.accepted:
+                raise StackFailure(f"migrating {doc.name} to HA was refused: {result.errors}")
+            self.say(f"clusterset/{doc.name}: controlPlane.ha true, migrating {spec.get('count')} control plane(s)")
+            ops = await self._wait_migrations(client, str(doc.name), int(spec.get("count", 0)))
+            for op in ops:
+                a = op.get("availability") or {}
+                self.say(f"  {op['clusterId']}: {op['state']}, {len(op.get('members') or [])} members, "
+                         f"availability {a.get('availabilityPct', 0):.1f}% of {a.get('requests', 0)} requests, "
+                         f"longest outage {a.get('downtimeS', 0):.2f}s "
+                         f"({op.get('durationS') or 0:.1f}s in all)")  # fmt: skip
+
+    async def _wait_migrations(self, client: FlotillaClient, clusterset: str, count: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + self.options.timeout_s
+        while True:
+            ops: list[dict[str, Any]] = []
+            pipelines: list[dict[str, Any]] = []
+            with contextlib.suppress(FlotillaError):
+                ops = await client.migrations(kind="migration", clusterset=clusterset)
+                pipelines = await client.migrations(kind="pipeline", clusterset=clusterset)
+            final = [o for o in ops if o.get("state") in ("COMPLETED", "ROLLED_BACK", "FAILED")]
+            halted = any(p.get("state") == "HALTED" for p in pipelines)
+            if len(final) >= count or (halted and len(final) == len(ops)):
+                details = [await client.migration(o["id"]) or o for o in final]
+                failed = [o["clusterId"] for o in details if o.get("state") != "COMPLETED"]
+                if failed:
+                    raise StackFailure(f"control-plane migration did not complete for {', '.join(failed)}")
+                return details
+            if time.monotonic() > deadline:
+                raise StackFailure(f"control-plane migrations of {clusterset} not done after "
+                                   f"{self.options.timeout_s:g}s")
+            await asyncio.sleep(POLL_S)
+
+    async def _watch(self, client: FlotillaClient, expected: dict[str, int], until_ready: bool) -> int:
         opts = self.options
         started = time.monotonic()
         progress = progress_from([], expected)
@@ -395,7 +453,7 @@ class Stack:
                 elif progress.line() != last_line:
                     last_line = progress.line()
                     print(last_line, flush=True)
-                if progress.done and opts.once:
+                if progress.done and (until_ready or opts.once):
                     break
                 if progress.done and not announced:
                     announced = True
@@ -407,6 +465,18 @@ class Stack:
         # Printed by run() after everything has stopped, so that it is the last line even with 2>&1.
         self.final_line = f"READY {progress.ready}/{progress.expected}"
         return 0
+
+
+def stop_control_planes(state_dir: Path) -> None:
+    """Stop the local driver's etcd and proxy processes (they live in their own sessions)."""
+    if not state_dir.exists():
+        return
+    from services.etcd_migration.drivers.local import LocalDriver
+
+    # Its own thread and loop: this is called both from inside the stack's event loop and after it ended.
+    worker = threading.Thread(target=lambda: asyncio.run(LocalDriver(state_dir).destroy_all()), daemon=True)
+    worker.start()
+    worker.join(60)
 
 
 def run(options: StackOptions, out: Console | None = None, err: Console | None = None) -> int:

@@ -105,7 +105,9 @@ class Migrator:
         return Outcome(state=core.evolve(after, out), events=[out])
 
     async def _probe(self, state: CPState, ref: ControlPlaneRef) -> None:
-        endpoint = state.op.detail.get("precheck", {}).get("endpoint") if state.op else None
+        # The public endpoint is known once the precheck reported it (migrations and upgrades alike).
+        detail = state.op.detail if state.op else {}
+        endpoint = (detail.get("precheck") or detail.get("cluster:precheck") or {}).get("endpoint")
         if endpoint:
             await self.probes.ensure(ref, str(endpoint))
 

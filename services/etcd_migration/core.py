@@ -185,8 +185,11 @@ def _apply(state: CPState | None, p: ClusterEvent, env: Envelope) -> CPState | N
         case ControlPlaneUpgradeFailed():
             if op.status not in ("running", "rolling-back"):
                 return state
-            if not p.rolled_back and p.node and op.status == "running":
+            node_failed = not p.rolled_back and p.node is not None
+            if node_failed and op.status == "running":
                 return _op(state, status="rolling-back", failed_step=p.node, reason=p.reason)
+            if node_failed and p.node == op.failed_step:
+                return state  # the same node failure again (it comes back through the stream): roll back once
             return _end(_op(state, status="failed", failed_step=p.node or op.failed_step, reason=p.reason))
         case ControlPlaneMigrationCompleted() | ControlPlaneUpgradeCompleted():
             return _end(_op(state, status="completed")) if op.status == "running" else state

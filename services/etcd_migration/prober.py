@@ -105,6 +105,7 @@ class Prober:
         self._last_down = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._storing = asyncio.Lock()
 
     async def __aenter__(self) -> Prober:
         self.start()
@@ -130,8 +131,9 @@ class Prober:
     async def samples(self) -> list[ProbeSample]:
         if self._redis is None or self._key is None:
             return list(self._kept)
-        stored = await self._redis.lrange(self._key, 0, -1)  # type: ignore[misc]
-        return [ProbeSample.decode(r) for r in stored] + list(self._kept)
+        async with self._storing:  # not while a flush moves samples from memory to Redis: none twice, none lost
+            stored = await self._redis.lrange(self._key, 0, -1)  # type: ignore[misc]
+            return [ProbeSample.decode(r) for r in stored] + list(self._kept)
 
     async def summary(self) -> ControlPlaneAvailability:
         return summarize(await self.samples())
@@ -195,12 +197,13 @@ class Prober:
     async def _flush(self) -> None:
         if self._redis is None or self._key is None or not self._kept:
             return
-        batch, self._kept = self._kept, []
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(self._key, *(s.encode() for s in batch))
-                pipe.expire(self._key, self._ttl_s)
-                await pipe.execute()
-        except Exception as exc:  # Redis away for a moment: keep them for the next flush
-            log.warning("prober: storing %d samples failed: %s", len(batch), exc)
-            self._kept = batch + self._kept
+        async with self._storing:
+            batch, self._kept = self._kept, []
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.rpush(self._key, *(s.encode() for s in batch))
+                    pipe.expire(self._key, self._ttl_s)
+                    await pipe.execute()
+            except Exception as exc:  # Redis away for a moment: keep them for the next flush
+                log.warning("prober: storing %d samples failed: %s", len(batch), exc)
+                self._kept = batch + self._kept

@@ -22,8 +22,10 @@ from services.etcd_migration.drivers.base import (
 
 # New members are named after the operation, so a redo after a crash finds the ones it created.
 MEMBERS = 3
-# How far the restored revision is raised above the snapshot's (so clients watching from an old revision re-list).
-REVISION_BUMP = 1000
+# How far the restored revision is raised above the snapshot's. Mutations were stopped before the snapshot, so
+# any bump puts it above every revision a client saw; the compaction after it is what makes watches re-list.
+# Each unit is one write while the API is down (on etcd 3.4, which has no --bump-revision): keep it small.
+REVISION_BUMP = 10
 DEFAULT_VERSION = "1.29"
 
 
@@ -63,7 +65,8 @@ async def _migration_step(driver: ControlPlaneDriver, ref: ControlPlaneRef, step
             await driver.stop_mutations(ref)
         case "snapshot-save":
             snap = await driver.snapshot_save(ref)
-            if snap.revision < int(precheck.get("revision", 0)):
+            # etcd reports revision 0 for a snapshot of a store that was never written to.
+            if snap.revision and snap.revision < int(precheck.get("revision", 0)):
                 raise DriverError(f"snapshot revision {snap.revision} is below the node's", retryable=False)
             return {"location": snap.location, "hash": snap.hash, "revision": snap.revision,
                     "total_keys": snap.total_keys}  # fmt: skip
@@ -141,7 +144,7 @@ async def _upgrade_step(driver: ControlPlaneDriver, ref: ControlPlaneRef, action
                 raise DriverError(f"members run different versions: {versions}", retryable=False)
             # Followers first, the leader last: one leader election instead of one per node.
             order = [m.name for m in sorted(info.members, key=lambda m: (m.is_leader, m.name))]
-            return {"order": order, "versions": versions}
+            return {"order": order, "versions": versions, "endpoint": info.public_endpoint}
         case "precheck":
             _require_quorum(await driver.describe(ref))
         case "snapshot":

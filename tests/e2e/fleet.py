@@ -18,12 +18,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from services.cloud_provisioner.providers.simcloud import SimCloud
-from services.etcd_migration.drivers.local import LocalDriver
 from shared.bus import connect_bus
 from shared.client import FlotillaClient
 from shared.config import Settings
 from shared.embedded import SERVICES, ServerProcess, free_port, nats_server, redis_server, service_env, start_service
 from shared.events import Envelope, subjects
+from shared.stack import stop_control_planes
 from tests.helpers import fleet_events
 
 
@@ -94,8 +94,7 @@ class Fleet:
     def stop(self) -> None:
         for key in list(self.procs):
             self.stop_service(*key)
-        if self.controlplane_dir.exists():  # the local driver's etcd and proxy processes outlive the services
-            asyncio.run(LocalDriver(self.controlplane_dir).destroy_all())
+        stop_control_planes(self.controlplane_dir)  # the local driver's etcd and proxies outlive the services
         for server in (self.nats, self.redis):
             if server:
                 server.stop()

@@ -14,6 +14,7 @@ from services.etcd_migration.drivers.base import ControlPlaneRef
 from services.etcd_migration.drivers.etcd import EtcdHttp
 from services.etcd_migration.drivers.local import LocalDriver
 from shared.client import FlotillaClient
+from shared.cluster_ids import cluster_id_for
 from shared.events import Envelope
 from tests.conftest import example_documents
 from tests.e2e.fleet import Fleet
@@ -100,7 +101,7 @@ async def test_ha_on_the_self_managed_example_migrates_every_cluster_keeping_dat
     await driver.aclose()
 
 
-@pytest.mark.parametrize("kill_after", ["snapshot-save", "create-load-balancers", "verify-members"])
+@pytest.mark.parametrize("kill_after", ["snapshot-save", "create-load-balancers", "wait-kubelets"])
 async def test_the_service_killed_mid_phase_resumes_from_its_journal(fleet: Fleet, kill_after: str):
     driver = LocalDriver(fleet.controlplane_dir)
     async with fleet.client() as client:
@@ -139,4 +140,55 @@ async def test_a_failing_step_rolls_back_to_the_single_node_serving_the_same_dat
     info = await driver.describe(ControlPlaneRef(cluster, "t"))
     assert len(info.members) == 1 and info.members[0].healthy and info.public_endpoint == endpoint
     assert await dump(endpoint) == data
+    await driver.aclose()
+
+
+async def test_a_version_change_upgrades_each_ha_control_plane_one_node_at_a_time_keeping_quorum(fleet: Fleet):
+    driver = LocalDriver(fleet.controlplane_dir, fleet.redis_client(), redis_prefix=fleet.settings.redis_prefix)
+    async with fleet.client() as client:
+        (cluster,) = await ready(fleet, client)
+        data = await seed(driver, cluster)
+        assert (await client.apply(core(True))).accepted
+        await wait_event(fleet, "ControlPlanePipelineCompleted")
+        upgraded = core(True)
+        upgraded["spec"]["kubernetesVersion"] = "1.30"
+        result = await client.apply(upgraded)
+        assert result.accepted, result.errors
+        done = await wait_event(fleet, "ControlPlaneUpgradeCompleted", cluster_id=cluster)
+    availability = done.data["availability"]
+    # One node down at a time: quorum all along, so every request succeeds (bar a leader election's blip).
+    assert availability["availability_pct"] >= 95 and availability["requests_without_quorum"] == 0
+    info = await driver.describe(ControlPlaneRef(cluster, "t"))
+    assert {m.version for m in info.members} == {"1.30"} and all(m.healthy for m in info.members)
+    assert await dump(info.public_endpoint) == data
+    nodes = [e.data["node"] for e in of(await fleet.events(), "ControlPlaneUpgradeStepCompleted", cluster_id=cluster)
+             if e.data["step"] == "replace"]  # fmt: skip
+    assert len(nodes) == 3 and len(set(nodes)) == 3
+    await driver.aclose()
+
+
+async def test_a_failing_validation_rolls_the_node_back_and_the_pipeline_halts_past_its_budget(fleet: Fleet):
+    driver = LocalDriver(fleet.controlplane_dir, fleet.redis_client(), redis_prefix=fleet.settings.redis_prefix)
+    async with fleet.client() as client:
+        clusters = await ready(fleet, client, count=3)
+        assert (await client.apply(core(True, 3))).accepted
+        await wait_event(fleet, "ControlPlanePipelineCompleted")
+        # The first cluster's upgrade fails its validation; concurrency 1 and no failure budget: the rest waits.
+        first = cluster_id_for(NAME, 0)
+        await driver.fail_on("validate", times=100, cluster_id=first)
+        result = await client.request_control_plane_change(NAME, "upgrade", to_version="1.30", concurrency=1,
+                                                           failure_budget=0, wait_s=30)  # fmt: skip
+        assert result.answer is not None and result.answer.type == "ControlPlanePipelineRequested", result
+        halted = await wait_event(fleet, "ControlPlanePipelineHalted")
+        await driver.clear_faults()
+    events = await fleet.events()
+    failed = of(events, "ControlPlaneUpgradeFailed", cluster_id=first, rolled_back=True)
+    assert failed and halted.data["failed"] == [first]
+    rolled = of(events, "ControlPlaneUpgradeStepCompleted", cluster_id=first, step="rollback-node")
+    assert len(rolled) == 1
+    others = [c for c in clusters if c != first]
+    assert not [e for e in of(events, "ControlPlaneUpgradeRequested") if e.data["cluster_id"] in others], \
+        "nothing else started"
+    info = await driver.describe(ControlPlaneRef(first, "t"))
+    assert {m.version for m in info.members} == {"1.29"} and all(m.healthy for m in info.members)
     await driver.aclose()
