@@ -430,7 +430,7 @@ class Stack:
                                    f"{self.options.timeout_s:g}s")
             await asyncio.sleep(POLL_S)
 
-    async def _watch(self, client: FlotillaClient, expected: dict[str, int], until_ready: bool) -> int:
+    async def _watch(self, client: FlotillaClient, expected: dict[str, int], until_ready: bool = False) -> int:
         opts = self.options
         started = time.monotonic()
         progress = progress_from([], expected)

@@ -219,6 +219,8 @@ def next_action(state: CPState | None) -> Action | None:
 
 def _next_migration(op: Operation) -> Action:
     if op.status == "rolling-back":
+        if op.failed_step == "precheck":
+            return Finish(outcome="rolled-back")  # nothing was touched yet: nothing to undo
         for step in ROLLBACK_STEPS:
             if step not in op.rolled_back:
                 return Step(kind="migrate", step=step, phase=PHASE.get(op.failed_step or "", 0), rollback=True)

@@ -122,9 +122,14 @@ async def test_the_service_killed_mid_phase_resumes_from_its_journal(fleet: Flee
     await driver.aclose()
 
 
-@pytest.mark.parametrize(("failing", "method"), [("snapshot-save", "snapshot_save"), ("stop-node", "stop_node"),
-                                                 ("create-load-balancers", "create_load_balancers"),
-                                                 ("restore-members", "restore_members")])  # fmt: skip
+# Every step before phase 3 that acts on the cluster, by the driver method it runs.
+ROLLBACK_CASES = [("precheck", "ensure_control_plane"), ("stop-mutations", "stop_mutations"),
+                  ("snapshot-save", "snapshot_save"), ("stop-node", "stop_node"), ("snapshot-disk", "snapshot_disk"),
+                  ("create-nodes", "create_nodes"), ("create-load-balancers", "create_load_balancers"),
+                  ("restore-members", "restore_members")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("failing", "method"), ROLLBACK_CASES)
 async def test_a_failing_step_rolls_back_to_the_single_node_serving_the_same_data(fleet: Fleet, failing: str,
                                                                                   method: str):  # fmt: skip
     driver = LocalDriver(fleet.controlplane_dir, fleet.redis_client(), redis_prefix=fleet.settings.redis_prefix)
