@@ -12,7 +12,7 @@ import pytest
 
 from services.etcd_migration.drivers.base import ControlPlaneRef
 from services.etcd_migration.drivers.etcd import EtcdHttp
-from services.etcd_migration.drivers.local import LocalDriver
+from services.etcd_migration.drivers.local import Fault, LocalDriver
 from shared.client import FlotillaClient
 from shared.cluster_ids import cluster_id_for
 from shared.events import Envelope
@@ -174,26 +174,29 @@ async def test_a_version_change_upgrades_each_ha_control_plane_one_node_at_a_tim
 
 async def test_a_failing_validation_rolls_the_node_back_and_the_pipeline_halts_past_its_budget(fleet: Fleet):
     driver = LocalDriver(fleet.controlplane_dir, fleet.redis_client(), redis_prefix=fleet.settings.redis_prefix)
+    first, second, third = (cluster_id_for(NAME, s) for s in range(3))
     async with fleet.client() as client:
-        clusters = await ready(fleet, client, count=3)
+        await ready(fleet, client, count=3)
         assert (await client.apply(core(True, 3))).accepted
         await wait_event(fleet, "ControlPlanePipelineCompleted")
-        # The first cluster's upgrade fails its validation; concurrency 1 and no failure budget: the rest waits.
-        first = cluster_id_for(NAME, 0)
+        # Two at a time, no failure budget. The first fails its validation; the second is slow (still in flight
+        # when the first fails) and finishes; the third must never start.
         await driver.fail_on("validate", times=100, cluster_id=first)
-        result = await client.request_control_plane_change(NAME, "upgrade", to_version="1.30", concurrency=1,
+        await driver.inject(Fault("replace_node", times=1, cluster_id=second, delay_s=4, fail=False))
+        result = await client.request_control_plane_change(NAME, "upgrade", to_version="1.30", concurrency=2,
                                                            failure_budget=0, wait_s=30)  # fmt: skip
         assert result.answer is not None and result.answer.type == "ControlPlanePipelineRequested", result
         halted = await wait_event(fleet, "ControlPlanePipelineHalted")
+        completed = await wait_event(fleet, "ControlPlanePipelineCompleted", pipeline_id=halted.data["pipeline_id"])
         await driver.clear_faults()
     events = await fleet.events()
-    failed = of(events, "ControlPlaneUpgradeFailed", cluster_id=first, rolled_back=True)
-    assert failed and halted.data["failed"] == [first]
-    rolled = of(events, "ControlPlaneUpgradeStepCompleted", cluster_id=first, step="rollback-node")
-    assert len(rolled) == 1
-    others = [c for c in clusters if c != first]
-    assert not [e for e in of(events, "ControlPlaneUpgradeRequested") if e.data["cluster_id"] in others], \
-        "nothing else started"
+    assert of(events, "ControlPlaneUpgradeFailed", cluster_id=first, rolled_back=True)
+    assert halted.data["failed"] == [first]
+    assert completed.data["succeeded"] == [second] and completed.data["failed"] == [first]
+    assert len(of(events, "ControlPlaneUpgradeStepCompleted", cluster_id=first, step="rollback-node")) == 1
+    assert not of(events, "ControlPlaneUpgradeRequested", cluster_id=third), "the budget halted the rest"
     info = await driver.describe(ControlPlaneRef(first, "t"))
     assert {m.version for m in info.members} == {"1.29"} and all(m.healthy for m in info.members)
+    info = await driver.describe(ControlPlaneRef(second, "t"))
+    assert {m.version for m in info.members} == {"1.30"}
     await driver.aclose()
