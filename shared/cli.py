@@ -291,6 +291,18 @@ def clusters_table(items: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _print_one(item: dict[str, Any] | None, output: Output, what: str,
+               detail: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
+    """One item as JSON or in detail; exit 1 naming it when it does not exist."""
+    if item is None:
+        err.print(f"[red]error:[/] {escape(what)} not found")
+        raise typer.Exit(1)
+    if output is Output.json:
+        _print_json(item)
+    else:
+        detail(item)
+
+
 def _print_listing(items: list[dict[str, Any]], output: Output, empty: str,
                    table: Callable[[list[dict[str, Any]]], Any]) -> None:  # fmt: skip
     """A listing as JSON, or as a table (a note on stderr when there is nothing to list)."""
@@ -521,13 +533,7 @@ def rollout_get(
 ) -> None:
     """Show one rollout: state, progress, stages and sets (fleet) or clusters (ClusterSet), timeline."""
     item = _run(lambda c: c.rollout(rollout_id, kind=kind.value if kind else None), _endpoints(ctx))
-    if item is None:
-        err.print(f"[red]error:[/] rollout {escape(rollout_id)!r} not found")
-        raise typer.Exit(1)
-    if output is Output.json:
-        _print_json(item)
-    else:
-        _rollout_detail(item)
+    _print_one(item, output, f"rollout {rollout_id!r}", _rollout_detail)
 
 
 @fleet_app.command("start")
@@ -781,13 +787,7 @@ def controlplane_get(
 ) -> None:
     """Show one migration or upgrade (step timeline, failure, availability, duration) or one pipeline (clusters)."""
     item = _run(lambda c: c.migration(migration_id, kind=kind.value if kind else None), _endpoints(ctx))
-    if item is None:
-        err.print(f"[red]error:[/] control-plane operation {escape(migration_id)!r} not found")
-        raise typer.Exit(1)
-    if output is Output.json:
-        _print_json(item)
-    else:
-        _migration_detail(item)
+    _print_one(item, output, f"control-plane operation {migration_id!r}", _migration_detail)
 
 
 # ----------------------------------------------------------------------------- up

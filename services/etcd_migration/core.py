@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from shared.events import Envelope, decode_payload
 from shared.events.clusterset import Location
 from shared.events.models import (
+    MIGRATION_ROLLBACK_STEPS,
+    MIGRATION_STEPS,
     ClusterEvent,
     ClusterRetirementRequested,
     ControlPlaneMigrationCompleted,
@@ -48,14 +50,8 @@ from shared.events.models import (
 
 SOURCE = "etcd_migration"
 
-MIGRATION_STEPS: tuple[tuple[int, str], ...] = (
-    (0, "precheck"),
-    (1, "stop-mutations"), (1, "snapshot-save"), (1, "stop-node"), (1, "snapshot-disk"),
-    (2, "create-nodes"), (2, "create-load-balancers"), (2, "restore-members"), (2, "verify-members"),
-    (3, "wait-kubelets"), (3, "start-controller-manager"), (3, "open-load-balancers"),
-)  # fmt: skip
 PHASE = dict((step, phase) for phase, step in MIGRATION_STEPS)
-ROLLBACK_STEPS: tuple[str, ...] = ("remove-new-nodes", "remove-load-balancers", "start-node", "resume-mutations")
+ROLLBACK_STEPS = MIGRATION_ROLLBACK_STEPS
 UPGRADE_NODE_STEPS: tuple[str, ...] = ("precheck", "snapshot", "replace", "validate")
 
 Kind = Literal["migrate", "upgrade"]

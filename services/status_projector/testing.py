@@ -248,14 +248,10 @@ def fleet_rollout_history(fleet_id: str, canary: tuple[ClusterSet, list[str]], r
 
 
 # ---------------------------------------------------------------- control-plane operations
-# The steps etcd_migration reports (its names, spelled out here so that the projector's tests need no service).
-MIGRATION_STEPS: tuple[tuple[int, str], ...] = (
-    (0, "precheck"),
-    (1, "stop-mutations"), (1, "snapshot-save"), (1, "stop-node"), (1, "snapshot-disk"),
-    (2, "create-nodes"), (2, "create-load-balancers"), (2, "restore-members"), (2, "verify-members"),
-    (3, "wait-kubelets"), (3, "start-controller-manager"), (3, "open-load-balancers"),
-)  # fmt: skip
-ROLLBACK_STEPS = ("remove-new-nodes", "remove-load-balancers", "start-node", "resume-mutations")
+# The steps etcd_migration reports (from the event catalog).
+MIGRATION_STEPS = m.MIGRATION_STEPS
+ROLLBACK_STEPS = m.MIGRATION_ROLLBACK_STEPS
+
 UPGRADE_STEPS = ("precheck", "snapshot", "replace", "validate")  # per node, after a cluster-wide precheck
 
 

@@ -575,6 +575,18 @@ class FleetRolloutTick(FleetRolloutEvent):
 ControlPlaneOperation = Literal["migrate", "upgrade"]
 
 
+# The steps a control-plane migration reports, in order, by phase; and the rollback steps (one source of truth for
+# etcd_migration, which runs them, and the projector, which shows them).
+MIGRATION_STEPS: tuple[tuple[int, str], ...] = (
+    (0, "precheck"),
+    (1, "stop-mutations"), (1, "snapshot-save"), (1, "stop-node"), (1, "snapshot-disk"),
+    (2, "create-nodes"), (2, "create-load-balancers"), (2, "restore-members"), (2, "verify-members"),
+    (3, "wait-kubelets"), (3, "start-controller-manager"), (3, "open-load-balancers"),
+)  # fmt: skip
+MIGRATION_ROLLBACK_STEPS: tuple[str, ...] = ("remove-new-nodes", "remove-load-balancers", "start-node",
+                                             "resume-mutations")  # fmt: skip
+
+
 class ControlPlaneEvent(ClusterEvent):
     operation_id: str
     pipeline_id: str | None = None
