@@ -127,7 +127,9 @@ async def test_rebuild_equals_the_live_views_and_the_switch_is_followed(
     live = await dump_views(redis, prefix, "live")
 
     built = await rebuild(bus, redis, prefix, swap=False)
-    assert built.previous is None and built.checkpoint == len(events) and built.events == len(events)
+    # Not `built.events`: a batch whose EXEC went through but whose reply timed out (a loaded machine) is re-applied
+    # as a no-op and not counted. The views below are what must be equal.
+    assert built.previous is None and built.checkpoint == len(events)
     assert await current_namespace(redis, prefix) == "live"
     assert await dump_views(redis, prefix, built.namespace) == live
 
