@@ -39,6 +39,14 @@ async def ready(fleet: Fleet, client: FlotillaClient, count: int = 1) -> list[st
     return sorted(states)
 
 
+async def to_ha(fleet: Fleet, client: FlotillaClient, count: int = 1) -> None:
+    """Apply ha: true and wait until the planner has seen the pipeline end (the set converges on the HA config):
+    until then it refuses further spec changes, naming the pipeline."""
+    result = await client.apply(core(True, count))
+    assert result.accepted, result.errors
+    await wait_event(fleet, "ClusterSetConverged", config_hash=result.config_hash)
+
+
 async def seed(driver: LocalDriver, cluster_id: str) -> dict[bytes, bytes]:
     """The cluster's single control-plane node with some data (kube objects under /registry/)."""
     info = await driver.ensure_control_plane(ControlPlaneRef(cluster_id, "seed"), "1.29")
@@ -153,8 +161,7 @@ async def test_a_version_change_upgrades_each_ha_control_plane_one_node_at_a_tim
     async with fleet.client() as client:
         (cluster,) = await ready(fleet, client)
         data = await seed(driver, cluster)
-        assert (await client.apply(core(True))).accepted
-        await wait_event(fleet, "ControlPlanePipelineCompleted")
+        await to_ha(fleet, client)
         upgraded = core(True)
         upgraded["spec"]["kubernetesVersion"] = "1.30"
         result = await client.apply(upgraded)
@@ -177,8 +184,7 @@ async def test_a_failing_validation_rolls_the_node_back_and_the_pipeline_halts_p
     first, second, third = (cluster_id_for(NAME, s) for s in range(3))
     async with fleet.client() as client:
         await ready(fleet, client, count=3)
-        assert (await client.apply(core(True, 3))).accepted
-        await wait_event(fleet, "ControlPlanePipelineCompleted")
+        await to_ha(fleet, client, count=3)
         # Two at a time, no failure budget. The first fails its validation; the second is slow (still in flight
         # when the first fails) and finishes; the third must never start.
         await driver.fail_on("validate", times=100, cluster_id=first)

@@ -134,6 +134,7 @@ async def test_a_failing_new_cluster_pauses_then_rollback_keeps_the_old_then_a_f
     async with fleet.client() as client:
         await start_six(fleet, client)
         old = set(await fleet.states(client, clusterset=NAME))
+        old_hash = await new_hash(client)
         # The first new cluster's control plane fails for good (quota).
         fault = await cloud.add_fault(kind="cluster", name_prefix=cluster_id_for(NAME, 6), code="QuotaExceeded",
                                       retryable=False)  # fmt: skip
@@ -146,7 +147,12 @@ async def test_a_failing_new_cluster_pauses_then_rollback_keeps_the_old_then_a_f
         await fleet.wait_states(client, {"READY": 6}, clusterset=NAME, state="READY")
         ready = {c["id"] for c in await client.clusters(clusterset=NAME) if c["state"] == "READY"}
         assert ready == old
-        # The set went back to the config its clusters are on; re-applying the new version retries the rollout.
+        # The set went back to the config its clusters are on (a new generation, once the planner has seen the
+        # rollback); re-applying the new version then retries the rollout.
+        async def reverted() -> bool:
+            return await new_hash(client) == old_hash
+
+        await fleet.wait_for(reverted, 60, what="the set reverted to its clusters' config")
         await cloud.remove_fault(fault)
         assert (await client.apply(six("1.31"))).accepted
         await wait_rollout(fleet, client, "COMPLETED")
