@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -333,11 +333,8 @@ def create_app(
         Listings leave out the long lists (timeline, per-set entries, cluster ids): GET /v1/rollouts/{id} has them.
         """
         filters = {"kind": ro.KINDS[kind] if kind else None, "clusterset": clusterset, "state": state}
-        after = _decode(_cursor(cursor, continue_), "r")
-        members, last = page_after(await views.rollout_members({k: v for k, v in filters.items() if v}), after,
-                                   limit)  # fmt: skip
-        items = [render.rollout_listing(d) for d in await views.rollouts(members)]
-        return JSON({"items": items, "next": encode_cursor("r", last) if last else None})
+        return await _index_page("r", _cursor(cursor, continue_), limit, filters, views.rollout_members,
+                                 views.rollouts, render.rollout_listing)  # fmt: skip
 
     @app.get("/v1/rollouts/{rollout_id}",
              responses={200: {"model": schemas.RolloutDetail}, 409: {"model": schemas.ErrorBody,
@@ -379,11 +376,8 @@ def create_app(
         Listings leave out the step timeline and the per-cluster entries: GET /v1/migrations/{id} has them.
         """
         filters = {"kind": kind, "clusterset": clusterset, "cluster": cluster, "state": state}
-        after = _decode(_cursor(cursor, continue_), "m")
-        members, last = page_after(await views.migration_members({k: v for k, v in filters.items() if v}), after,
-                                   limit)  # fmt: skip
-        items = [render.migration_listing(d) for d in await views.migrations(members)]
-        return JSON({"items": items, "next": encode_cursor("m", last) if last else None})
+        return await _index_page("m", _cursor(cursor, continue_), limit, filters, views.migration_members,
+                                 views.migrations, render.migration_listing)  # fmt: skip
 
     @app.get("/v1/migrations/{migration_id}",
              responses={200: {"model": schemas.MigrationDetail}, 409: {"model": schemas.ErrorBody,
@@ -406,6 +400,17 @@ def create_app(
         return JSON(docs[0])
 
     return app
+
+
+async def _index_page(kind: str, token: str | None, limit: int, filters: dict[str, str | None],
+                      members: Callable[[dict[str, str]], Awaitable[list[str]]],
+                      docs: Callable[[Sequence[str]], Awaitable[list[dict[str, Any]]]],
+                      listing: Callable[[dict[str, Any]], dict[str, Any]]) -> JSON:  # fmt: skip
+    """One page of an index (rollouts, migrations): the ids matching the filters after the cursor, rendered."""
+    after = _decode(token, kind)
+    page, last = page_after(await members({k: v for k, v in filters.items() if v}), after, limit)
+    items = [listing(d) for d in await docs(page)]
+    return JSON({"items": items, "next": encode_cursor(kind, last) if last else None})
 
 
 async def _history(views: ViewReader, key: str, limit: int, token: str | None) -> dict[str, Any]:
