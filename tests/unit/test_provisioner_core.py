@@ -761,7 +761,9 @@ async def test_random_runs_with_updates_converge_to_the_newest_generation(
         faults.update({(op, s): [ThrottlingError("Throttling", "x") for _ in range(n)] for s, n in throttles.items()
                        if (op, s) != ("ensure", "network")})  # fmt: skip
     cloud = FakeCloud(faults)
-    rt = Runtime(Provisioner(registry(cloud)), max_deliver=10)
+    # One update message converges every step in turn: up to 5 steps x 2 throttles before it succeeds. Enough
+    # deliveries that it never runs out (running out is the test above), so the run must converge.
+    rt = Runtime(Provisioner(registry(cloud)), max_deliver=30)
     req = cluster_requested(PLAIN)
     specs = {g: update_requested(req, g, maxCount=3 + g) for g in (2, 3, 4)}
     inject: dict[int, Envelope] = {}
