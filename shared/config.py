@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     # The installer's periodic pass over its clusters: retry retryable failures, correct drift.
     installer_reconcile_interval_s: float = Field(default=300.0, gt=0)
     installer_reconcile_batch: int = Field(default=200, ge=1, le=100_000)
-    # Where self-managed control planes run: real etcd processes on this machine (`local`).
-    controlplane_driver: Literal["local"] = "local"
+    # Where self-managed control planes run: real etcd processes on this machine (`local`), or simulated
+    # VMs kept in Redis with the sim cloud's latency and throttling (`sim`, for fleet-scale runs).
+    controlplane_driver: Literal["local", "sim"] = "local"
     # The local driver's machines: one directory per cluster (etcd data, pid files, load-balancer config).
     controlplane_state_dir: str = ".run/controlplanes"
     # How often the availability prober sends a write and a read through the control plane's endpoint.

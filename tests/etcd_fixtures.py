@@ -21,7 +21,8 @@ import pytest
 
 from services.etcd_migration.drivers.base import ControlPlaneRef, DriverError, SnapshotInfo
 from services.etcd_migration.drivers.etcd import LEASE_PREFIX, EtcdHttp
-from services.etcd_migration.drivers.local import FIRST_NODE, Fault, LocalDriver
+from services.etcd_migration.drivers.faults import Fault
+from services.etcd_migration.drivers.local import FIRST_NODE, LocalDriver
 
 VERSION = "1.29"
 REVISION_BUMP = 1000

@@ -1,9 +1,10 @@
 """The availability prober: API requests through a control plane's public endpoint while an operation runs.
 
-Every `interval_s` it sends one write (`/v3/kv/put`) and one read (`/v3/kv/range`) through etcd's
-v3 JSON gateway at the endpoint the clients use (the load balancer after a migration), each on a
-new connection, so every request goes through the load balancer's choice of backend, and with a
-short timeout, so a request stuck on a cluster without quorum counts as failed. Each outcome is
+Every `interval_s` it sends one write and one read to the endpoint the clients use (the load
+balancer after a migration), through the driver's `ProbeTarget`: on real etcd that is the v3 JSON
+gateway (`/v3/kv/put`, `/v3/kv/range`), each request on a new connection so that it goes through
+the load balancer's choice of backend, with a short timeout, so a request stuck on a cluster
+without quorum counts as failed; the sim driver answers from the simulated control plane's state. Each outcome is
 recorded with how many control-plane nodes were down at that moment (the `down` callable, e.g.
 `driver.down_members`). Samples are kept in memory or, given a Redis key, appended there about
 twice a second, so a restarted service continues the same tally (the time the service was dead
@@ -24,10 +25,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
-import httpx
 from redis.asyncio import Redis
 
-from services.etcd_migration.drivers.etcd import INTERNAL_PREFIX, EtcdHttp
+from services.etcd_migration.drivers.base import ProbeTarget
+from services.etcd_migration.drivers.etcd import INTERNAL_PREFIX, GatewayProbeTarget
 from shared.events.models import ControlPlaneAvailability
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Prober:
         key: str | None = None,
         ttl_s: int = 7 * 86400,
         probe_key: bytes = INTERNAL_PREFIX + b"probe",
+        target: Callable[[], ProbeTarget] | None = None,
     ) -> None:
         if (redis is None) != (key is None):
             raise ValueError("samples in Redis need both redis and key")
@@ -101,6 +103,8 @@ class Prober:
         self._key = key
         self._ttl_s = ttl_s
         self._probe_key = probe_key
+        # Made in the probing task (an HTTP client belongs to the event loop it runs on).
+        self._target = target or (lambda: GatewayProbeTarget(endpoint, timeout_s))
         self._kept: list[ProbeSample] = []  # all samples (in memory) or those not yet in Redis
         self._last_down = 0
         self._task: asyncio.Task[None] | None = None
@@ -144,10 +148,7 @@ class Prober:
             await self._redis.delete(self._key)
 
     async def _run(self) -> None:
-        # A new connection per request: a pooled one would stay on one backend of the load balancer.
-        client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False,
-                                   limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
-        http = EtcdHttp(self.endpoint, client)
+        target = self._target()
         in_flight: set[asyncio.Task[None]] = set()
         # Requests stuck on a cluster without quorum pile up; past this many ticks, skip sending more.
         cap = max(4, int(self.timeout_s / self.interval_s) + 2)
@@ -156,7 +157,7 @@ class Prober:
             while not self._stop.is_set():
                 if len(in_flight) < cap:
                     seq += 1
-                    task = asyncio.create_task(self._tick(http, seq))
+                    task = asyncio.create_task(self._tick(target, seq))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 if time.monotonic() - last_flush >= FLUSH_EVERY_S:
@@ -167,15 +168,15 @@ class Prober:
                     await asyncio.wait_for(self._stop.wait(), max(0.0, next_at - time.monotonic()))
             await asyncio.gather(*in_flight, return_exceptions=True)
         finally:
-            await client.aclose()
+            await target.aclose()
             await self._flush()
 
-    async def _tick(self, http: EtcdHttp, seq: int) -> None:
+    async def _tick(self, target: ProbeTarget, seq: int) -> None:
         sent = time.time()
         down, put_ok, range_ok = await asyncio.gather(
             self._count_down(),
-            self._ok(http.put(self._probe_key, str(seq).encode())),
-            self._ok(http.get(self._probe_key)),
+            self._ok(asyncio.wait_for(target.put(self._probe_key, str(seq).encode()), self.timeout_s)),
+            self._ok(asyncio.wait_for(target.get(self._probe_key), self.timeout_s)),
         )
         self._kept += [ProbeSample(sent, "put", put_ok, down), ProbeSample(sent, "range", range_ok, down)]
 

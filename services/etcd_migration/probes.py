@@ -31,7 +31,8 @@ class ProbeHub:
         async def down() -> int:
             return await self.driver.down_members(ref)
 
-        prober = Prober(endpoint, down, interval_s=self.interval_s, redis=self.redis, key=self.key(ref))
+        prober = Prober(endpoint, down, interval_s=self.interval_s, redis=self.redis, key=self.key(ref),
+                        target=lambda: self.driver.probe_target(ref, endpoint, timeout_s=1.0))  # fmt: skip
         prober.start()
         self._running[ref.operation_id] = prober
 

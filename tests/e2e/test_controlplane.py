@@ -12,7 +12,8 @@ import pytest
 
 from services.etcd_migration.drivers.base import ControlPlaneRef
 from services.etcd_migration.drivers.etcd import EtcdHttp
-from services.etcd_migration.drivers.local import Fault, LocalDriver
+from services.etcd_migration.drivers.faults import Fault
+from services.etcd_migration.drivers.local import LocalDriver
 from shared.client import FlotillaClient
 from shared.cluster_ids import cluster_id_for
 from shared.events import Envelope

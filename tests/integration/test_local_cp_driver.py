@@ -14,7 +14,8 @@ import pytest
 from redis.asyncio import Redis
 
 from services.etcd_migration.drivers.base import DriverError
-from services.etcd_migration.drivers.local import FIRST_NODE, Fault, LocalDriver, pick_port
+from services.etcd_migration.drivers.faults import Fault
+from services.etcd_migration.drivers.local import FIRST_NODE, LocalDriver, pick_port
 from services.etcd_migration.drivers.proxy import ProxyConfig, applied_generation
 from services.etcd_migration.prober import Prober
 from shared.embedded import ServerProcess

@@ -73,6 +73,19 @@ class ValidationReport:
         return not self.problems
 
 
+class ProbeTarget(Protocol):
+    """What the availability prober talks to: the control plane's API as its clients see it."""
+
+    async def put(self, key: bytes, value: bytes) -> object:
+        ...
+
+    async def get(self, key: bytes) -> object:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
 class ControlPlaneDriver(Protocol):
     """One implementation per place control planes run (local processes, sim, later EC2/Azure VM/GCE)."""
 
@@ -155,4 +168,8 @@ class ControlPlaneDriver(Protocol):
 
     async def down_members(self, ref: ControlPlaneRef) -> int:
         """How many control-plane nodes are not serving right now (for the prober's quorum accounting)."""
+        ...
+
+    def probe_target(self, ref: ControlPlaneRef, endpoint: str, timeout_s: float) -> ProbeTarget:
+        """A client of the public endpoint for the prober: every request raises unless the API served it."""
         ...

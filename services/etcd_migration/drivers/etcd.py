@@ -193,3 +193,23 @@ class EtcdHttp:
             return resp.status_code == 200 and resp.json().get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False
+
+
+class GatewayProbeTarget:
+    """The prober's client of an etcd endpoint: a new connection per request, so that every request goes
+    through the load balancer's choice of backend (a pooled one would stay on one backend)."""
+
+    def __init__(self, endpoint: str, timeout_s: float) -> None:
+        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False,
+                                         limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
+        self._http = EtcdHttp(endpoint, self._client)
+
+    async def put(self, key: bytes, value: bytes) -> object:
+        return await self._http.put(key, value)
+
+    async def get(self, key: bytes) -> object:
+        return await self._http.get(key)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+

@@ -34,8 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
-import json
 import os
 import random
 import re
@@ -45,10 +43,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, Field
@@ -62,9 +60,11 @@ from services.etcd_migration.drivers.base import (
     DiskSnapshot,
     DriverError,
     MemberStatus,
+    ProbeTarget,
     SnapshotInfo,
     ValidationReport,
 )
+from services.etcd_migration.drivers.faults import FaultBook, FaultInjection, driver_step
 from services.etcd_migration.drivers.proxy import ProxyConfig, applied_generation, atomic_write_text
 from shared.embedded import free_port
 
@@ -78,7 +78,6 @@ _LOAD_BALANCERS = ("lb-public", "lb-internal")
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 _PROXY_ENTRY = "services.etcd_migration.drivers.proxy"
 
-F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 
 # ---------------------------------------------------------------- detached processes
@@ -272,71 +271,17 @@ def _url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-# ---------------------------------------------------------------- faults
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Make a driver step misbehave, for tests: stall `delay_s`, then (if `fail`) raise DriverError."""
-
-    step: str  # a ControlPlaneDriver method name
-    times: int = 1
-    cluster_id: str | None = None  # None: any cluster
-    delay_s: float = 0.0  # long enough for a test to SIGKILL the service in the middle of the step
-    fail: bool = True
-    after: bool = False  # at the end of the step: its effect happened but the caller never hears of it
-    retryable: bool = False
-
-    def field(self) -> str:
-        return f"{self.cluster_id or '*'}|{self.step}|{'after' if self.after else 'before'}"
-
-
-_STEPS = frozenset(n for n in dir(ControlPlaneDriver) if not n.startswith("_"))
-
-# KEYS: specs, counts  ARGV: field -> the spec if it fires now
-_TAKE_FAULT = """
-local spec = redis.call('HGET', KEYS[1], ARGV[1])
-if not spec then return nil end
-if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) < 0 then return nil end
-return spec
-"""
-
-
-def _step(*, lock: bool = True) -> Callable[[F], F]:
-    """A driver step: injected faults before and after it, and (if `lock`) one step per cluster at a time."""
-
-    def wrap(fn: F) -> F:
-        step = fn.__name__
-
-        @functools.wraps(fn)
-        async def run(self: LocalDriver, ref: ControlPlaneRef, *args: Any, **kwargs: Any) -> Any:
-            await self._fault(ref, step, after=False)
-            if lock:
-                async with self._locked(ref.cluster_id):
-                    result = await fn(self, ref, *args, **kwargs)
-            else:
-                result = await fn(self, ref, *args, **kwargs)
-            await self._fault(ref, step, after=True)
-            return result
-
-        return cast(F, run)
-
-    return wrap
-
-
 # ---------------------------------------------------------------- the driver
 
 
-class LocalDriver:
+class LocalDriver(FaultInjection):
     def __init__(self, state_dir: Path | str, redis: Redis | None = None, *, redis_prefix: str = "flotilla",
                  start_timeout_s: float = 30.0) -> None:  # fmt: skip
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.start_timeout_s = start_timeout_s
         self._redis = redis
-        self._fault_keys = [f"{redis_prefix}:{{etcd_migration}}:local-faults:{k}" for k in ("specs", "counts")]
-        self._take_fault = redis.register_script(_TAKE_FAULT) if redis is not None else None
-        self._faults: dict[str, tuple[Fault, int]] = {}
+        self.fault_book = FaultBook(redis, redis_prefix, "local")
         self._locks: dict[str, asyncio.Lock] = {}
         self._client: httpx.AsyncClient | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
@@ -516,50 +461,7 @@ class LocalDriver:
         for role in _LOAD_BALANCERS:
             await self._set_proxy(meta, role, meta.lbs_open, backends)
 
-    # ------------------------------------------------ faults
-
-    async def inject(self, fault: Fault) -> None:
-        if fault.step not in _STEPS:
-            raise ValueError(f"no driver step {fault.step!r}")
-        if self._redis is not None:
-            specs, counts = self._fault_keys
-            await self._redis.hset(specs, fault.field(), json.dumps(asdict(fault)))  # type: ignore[misc]
-            await self._redis.hset(counts, fault.field(), fault.times)  # type: ignore[misc]
-        else:
-            self._faults[fault.field()] = (fault, fault.times)
-
-    async def fail_on(self, step: str, times: int = 1, *, cluster_id: str | None = None,
-                      retryable: bool = False, after: bool = False) -> None:  # fmt: skip
-        """The next `times` calls of `step` raise DriverError (at the start, or after the step's work)."""
-        await self.inject(Fault(step, times, cluster_id, retryable=retryable, after=after))
-
-    async def clear_faults(self) -> None:
-        self._faults.clear()
-        if self._redis is not None:
-            await self._redis.delete(*self._fault_keys)
-
-    async def _take(self, field: str) -> Fault | None:
-        if self._take_fault is not None:
-            raw = await self._take_fault(keys=self._fault_keys, args=[field])
-            return Fault(**json.loads(raw)) if raw else None
-        entry = self._faults.get(field)
-        if entry is None or entry[1] <= 0:
-            return None
-        self._faults[field] = (entry[0], entry[1] - 1)
-        return entry[0]
-
-    async def _fault(self, ref: ControlPlaneRef, step: str, after: bool) -> None:
-        if not self._faults and self._redis is None:
-            return
-        when = "after" if after else "before"
-        for scope in (ref.cluster_id, "*"):
-            fault = await self._take(f"{scope}|{step}|{when}")
-            if fault is None:
-                continue
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            if fault.fail:
-                raise DriverError(f"injected fault: {step} ({when})", retryable=fault.retryable)
+    # ------------------------------------------------ test hooks
 
     async def kill_member(self, ref: ControlPlaneRef, name: str) -> None:
         """SIGKILL one member's etcd, as a crash would (its desired state stays `running`)."""
@@ -589,7 +491,7 @@ class LocalDriver:
 
     # ------------------------------------------------ the port
 
-    @_step()
+    @driver_step()
     async def ensure_control_plane(self, ref: ControlPlaneRef, version: str) -> ControlPlaneInfo:
         meta = self._load(ref.cluster_id)
         if meta is None:
@@ -615,7 +517,7 @@ class LocalDriver:
         elif not meta.mutations_stopped and meta.members and meta.node(meta.members[0]).running:
             await self._apiservers_up(meta)
 
-    @_step(lock=False)
+    @driver_step(lock=False)
     async def describe(self, ref: ControlPlaneRef) -> ControlPlaneInfo:
         return await self._describe(self._require(ref))
 
@@ -670,7 +572,7 @@ class LocalDriver:
             return {n: out[u][0] for n, u in urls.items()}
         raise DriverError(f"{meta.cluster_id}: members never settled on one revision to compare hashkv")
 
-    @_step()
+    @driver_step()
     async def stop_mutations(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
         if meta.load_balanced:
@@ -680,7 +582,7 @@ class LocalDriver:
         for role in _APISERVERS:
             await self._stop_proxy(meta, role)
 
-    @_step()
+    @driver_step()
     async def snapshot_save(self, ref: ControlPlaneRef) -> SnapshotInfo:
         meta = self._require(ref)
         path = self._dir(ref.cluster_id) / "snapshots" / f"{_safe(ref.operation_id)}.db"
@@ -702,7 +604,7 @@ class LocalDriver:
         self._save(meta)
         return info
 
-    @_step()
+    @driver_step()
     async def stop_node(self, ref: ControlPlaneRef, node: str) -> None:
         meta = self._require(ref)
         target = meta.node(node)
@@ -717,7 +619,7 @@ class LocalDriver:
                 await self._stop_proxy(meta, role)
         await self._stop_etcd(meta, target)
 
-    @_step()
+    @driver_step()
     async def snapshot_disk(self, ref: ControlPlaneRef, node: str) -> DiskSnapshot:
         meta = self._require(ref)
         source = meta.node(node)
@@ -735,7 +637,7 @@ class LocalDriver:
             self._save(meta)
         return DiskSnapshot(id=disk_id, node=node)
 
-    @_step()
+    @driver_step()
     async def create_nodes(self, ref: ControlPlaneRef, disk: DiskSnapshot, names: list[str]) -> None:
         meta = self._require(ref)
         if disk.id not in meta.disks:
@@ -768,7 +670,7 @@ class LocalDriver:
                 return node.name
         raise DriverError(f"{meta.cluster_id}: unknown load-balancer backend {backend!r}", retryable=False)
 
-    @_step()
+    @driver_step()
     async def create_load_balancers(self, ref: ControlPlaneRef, backends: list[str]) -> None:
         meta = self._require(ref)
         # The addresses belong to the old VM until it stops (a cloud refuses to move an attached static IP).
@@ -783,7 +685,7 @@ class LocalDriver:
         self._save(meta)
         await self._apply_load_balancers(meta)
 
-    @_step()
+    @driver_step()
     async def restore_members(self, ref: ControlPlaneRef, snapshot: SnapshotInfo, names: list[str],
                               cluster_token: str, revision_bump: int) -> None:  # fmt: skip
         if not 1 <= revision_bump <= MAX_REVISION_BUMP:
@@ -848,7 +750,7 @@ class LocalDriver:
         except DriverError:
             return False
 
-    @_step(lock=False)
+    @driver_step(lock=False)
     async def kubelets_heartbeating(self, ref: ControlPlaneRef, since_revision: int) -> bool:
         meta = self._require(ref)
         # Read from a member: the load balancers may still be closed.
@@ -856,7 +758,7 @@ class LocalDriver:
         leases = await self._http(_url(meta.node(source).client_port)).scan(etcd.LEASE_PREFIX)
         return all(kv.mod_revision > since_revision for kv in leases)  # no kubelets (no leases): nothing to wait for
 
-    @_step()
+    @driver_step()
     async def start_controller_manager(self, ref: ControlPlaneRef) -> None:
         # Local control planes run no controller-manager process: the flag is what describe and tests see.
         meta = self._require(ref)
@@ -864,7 +766,7 @@ class LocalDriver:
             meta.node(name).controller_manager = True
         self._save(meta)
 
-    @_step()
+    @driver_step()
     async def open_load_balancers(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
         if not meta.load_balanced:
@@ -881,7 +783,7 @@ class LocalDriver:
         self._save(meta)
         await self._apply_load_balancers(meta)
 
-    @_step()
+    @driver_step()
     async def remove_new_nodes(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
         if meta.lbs_open:
@@ -905,7 +807,7 @@ class LocalDriver:
         if meta.load_balanced:
             await self._apply_load_balancers(meta)
 
-    @_step()
+    @driver_step()
     async def remove_load_balancers(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
         if meta.lbs_open:
@@ -916,7 +818,7 @@ class LocalDriver:
         meta.load_balanced, meta.lb_backends, meta.drained = False, [], []
         self._save(meta)
 
-    @_step()
+    @driver_step()
     async def start_node(self, ref: ControlPlaneRef, node: str) -> None:
         meta = self._require(ref)
         target = meta.node(node)
@@ -941,7 +843,7 @@ class LocalDriver:
         elif not meta.mutations_stopped:
             await self._apiservers_up(meta)  # the VM boots with its API server (unless mutations were stopped)
 
-    @_step()
+    @driver_step()
     async def resume_mutations(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
         if meta.load_balanced:
@@ -951,7 +853,7 @@ class LocalDriver:
         self._save(meta)
         await self._apiservers_up(meta)
 
-    @_step()
+    @driver_step()
     async def replace_node(self, ref: ControlPlaneRef, node: str, version: str) -> None:
         meta = self._require(ref)
         target = meta.node(node)
@@ -986,7 +888,7 @@ class LocalDriver:
         if meta.load_balanced:
             await self._apply_load_balancers(meta)
 
-    @_step(lock=False)
+    @driver_step(lock=False)
     async def validate(self, ref: ControlPlaneRef) -> ValidationReport:
         meta = self._require(ref)
         info = await self._describe(meta)
@@ -1024,6 +926,10 @@ class LocalDriver:
             1 for n in meta.members
             if not (self._etcd(ref.cluster_id, n).running() and _listening(meta.node(n).client_port))
         )  # fmt: skip
+
+
+    def probe_target(self, ref: ControlPlaneRef, endpoint: str, timeout_s: float) -> ProbeTarget:
+        return etcd.GatewayProbeTarget(endpoint, timeout_s)
 
 
 def _implements_the_port(driver: LocalDriver) -> ControlPlaneDriver:
