@@ -259,7 +259,29 @@ def decide(state: PlannerState | None, env: Envelope) -> list[Envelope]:
         reverted = _revert(after, env)
         if reverted:
             return reverted
+    if env.type in PIPELINE_ENDS and state is not None and state.pipeline_id == env.data.get("pipeline_id"):
+        failed = _pipeline_failures(after, env)
+        if failed:
+            return [failed]
     return reconcile(after, env)
+
+
+PIPELINE_ENDS = (ControlPlanePipelineCompleted.type_name(), ControlPlanePipelineHalted.type_name())
+
+
+def _pipeline_failures(state: PlannerState, end: Envelope) -> Envelope | None:
+    """A pipeline the spec started that ended with failed clusters: the set cannot converge on this
+    generation, so say so once (a fleet rollout waiting on the set counts it failed)."""
+    payload = decode_payload(end)
+    assert isinstance(payload, ControlPlanePipelineCompleted | ControlPlanePipelineHalted)
+    # Only clusters left off the set's config: a CLI-requested operation on a converged set changes no spec.
+    failed = [state.members[c] for c in payload.failed
+              if c in state.members and state.members[c].config_hash != state.config_hash]  # fmt: skip
+    if not failed or state.update_failed_generation == state.generation:
+        return None
+    reason = getattr(payload, "reason", "") or "control-plane operations failed"
+    ids = ", ".join(sorted(m.cluster_id for m in failed))
+    return _update_failed(state, failed, end, reason=f"control-plane pipeline {payload.pipeline_id}: {reason} ({ids})")
 
 
 def _revert(state: PlannerState, cause: Envelope) -> list[Envelope]:
@@ -607,12 +629,12 @@ def _update(state: PlannerState, member: Member, changes: list[rules.Change], ca
     ), source=SOURCE, cause=cause, discriminator=f"{member.cluster_id}:{state.config_hash}")  # fmt: skip
 
 
-def _update_failed(state: PlannerState, failed: list[Member], cause: Envelope) -> Envelope:
+def _update_failed(state: PlannerState, failed: list[Member], cause: Envelope, reason: str = "") -> Envelope:
     assert state.location and state.config_hash
     ids = sorted(m.cluster_id for m in failed)
     return new_event(ClusterSetUpdateFailed(
         clusterset=state.name, location=state.location, generation=state.generation, config_hash=state.config_hash,
-        cluster_ids=ids, reason=f"cluster(s) failed while being updated in place: {', '.join(ids)}",
+        cluster_ids=ids, reason=reason or f"cluster(s) failed while being updated in place: {', '.join(ids)}",
         fleet_rollout_id=state.fleet_rollout_id,
     ), source=SOURCE, cause=cause, discriminator=str(state.generation))  # fmt: skip
 

@@ -21,6 +21,7 @@ from shared.events.models import (
     ControlPlaneMigrationRequested,
     ControlPlaneMigrationStepCompleted,
     ControlPlanePipelineCompleted,
+    ControlPlanePipelineHalted,
     ControlPlanePipelineRequested,
     ControlPlaneUpgradeFailed,
     ControlPlaneUpgradeRequested,
@@ -268,6 +269,42 @@ def test_a_completed_migration_brings_the_cluster_to_the_new_config_and_the_set_
     state, out = handle(state, ev(finished))
     assert "ClusterSetConverged" in types(converged + out)
     assert state is not None and state.pipeline_id is None
+
+
+@pytest.mark.parametrize("ending", ["halted", "completed-with-failures"])
+def test_a_spec_pipeline_that_ends_with_failed_clusters_reports_the_set_update_failed_once(ending: str):
+    state = ready_core()
+    state, out = handle(state, applied(with_cp(CORE, ha=True)))
+    assert state is not None and state.location
+    pipe = out[1].data
+    first, second = (c["cluster_id"] for c in pipe["clusters"])
+    done = ControlPlaneMigrationCompleted(cluster_id=first, clusterset=state.name, location=state.location,
+                                          operation_id="o", pipeline_id=pipe["pipeline_id"],
+                                          config_hash=pipe["config_hash"])  # fmt: skip
+    state, _ = handle(state, ev(done))
+    assert state is not None and state.location
+    ids = {"clusterset": state.name, "location": state.location, "pipeline_id": pipe["pipeline_id"]}
+    end = (ControlPlanePipelineHalted(**ids, reason="1 failed, more than the budget of 0", failed=[second])
+           if ending == "halted" else ControlPlanePipelineCompleted(**ids, succeeded=[first], failed=[second]))
+    after, out = handle(state, ev(end))
+    assert types(out) == ["ClusterSetUpdateFailed"]
+    assert out[0].data["cluster_ids"] == [second] and pipe["pipeline_id"] in out[0].data["reason"]
+    assert after is not None and after.pipeline_id is None
+    _, again = handle(after, ev(end))  # a redelivery says nothing new
+    assert again == []
+
+
+def test_a_cli_pipeline_on_a_converged_set_that_fails_changes_no_set_outcome():
+    state = ready_core()
+    assert state is not None and state.location
+    one = next(iter(state.members))
+    state, out = handle(state, ev(ControlPlaneChangeRequested(clusterset=state.name, operation="migrate",
+                                                              cluster_ids=[one])))  # fmt: skip
+    assert state is not None and state.location
+    halted = ControlPlanePipelineHalted(clusterset=state.name, location=state.location,
+                                        pipeline_id=out[0].data["pipeline_id"], reason="x", failed=[one])
+    _, out = handle(state, ev(halted))
+    assert "ClusterSetUpdateFailed" not in types(out)
 
 
 def test_the_cli_request_is_checked_and_becomes_a_pipeline_of_the_chosen_clusters():
