@@ -41,6 +41,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench.migration
 
 proto: $(STAMP)
 	$(BIN)/python -m shared.contracts

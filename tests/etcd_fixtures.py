@@ -87,9 +87,9 @@ async def try_put(url: str, key: bytes = b"/app/probe", value: bytes = b"v", tim
 
 
 async def heartbeat(driver: LocalDriver, r: ControlPlaneRef) -> None:
-    """Stand in for the kubelets: renew every node lease, on a member (the load balancers may be closed)."""
+    """Stand in for the kubelets: renew every node lease through the internal endpoint, as kubelets do."""
     info = await driver.describe(r)
-    async with etcd_http(info.members[0].client_url) as http:
+    async with etcd_http(info.internal_endpoint) as http:
         for kv in await http.scan(LEASE_PREFIX):
             await http.put(kv.key, kv.value)
 
@@ -121,6 +121,7 @@ async def phase2(driver: LocalDriver, r: ControlPlaneRef, snapshot: SnapshotInfo
 
 async def phase3(driver: LocalDriver, r: ControlPlaneRef) -> None:
     since = max(m.revision for m in (await driver.describe(r)).members)
+    await driver.open_internal_load_balancer(r)
     if not await driver.kubelets_heartbeating(r, since):
         await heartbeat(driver, r)
     assert await driver.kubelets_heartbeating(r, since)

@@ -91,6 +91,7 @@ async def _migration_step(driver: ControlPlaneDriver, ref: ControlPlaneRef, step
             return await _verify_members(driver, ref, int(detail["snapshot-save"]["revision"]))
         case "wait-kubelets":
             since = int(detail.get("verify-members", {}).get("revision", 0))
+            await driver.open_internal_load_balancer(ref)  # kubelets can only heartbeat through it
             if not await driver.kubelets_heartbeating(ref, since):
                 raise DriverError("kubelets have not heartbeated to the new control plane yet")
         case "start-controller-manager":

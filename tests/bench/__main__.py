@@ -9,6 +9,12 @@ replaced batch by batch until the rollout completes: wall time, FLEET events per
 cluster, and the orchestration overhead per batch (how long rotation takes to react to the
 fact that lets a batch move on: READY -> drain, drained -> retire, deleted -> next batch),
 taken from event times in the stream. It has its own floor (the same number of messages).
+Control planes: a self-managed ClusterSet of N clusters (created first, not timed) gets
+`controlPlane.ha: true`, so every control plane is migrated from one node to three on the `sim`
+driver (zero latency), `maxUnavailable` (N/20) at a time, each with its availability prober:
+wall time until the set converges, FLEET events per migration, the orchestration overhead per
+step (ms from a step's event to the next step's event of the same cluster), etcd_migration's CPU
+per migration, the outage the probers measured, and a floor of the same number of messages.
 Last line: `pipeline_vs_floor=<pipeline seconds / floor seconds>`.
 """
 
@@ -113,6 +119,80 @@ async def rotation_reactions(fleet: Fleet, first_seq: int) -> dict[str, float]:
     return {k: (sum(v) / len(v) if v else 0.0) for k, v in delays.items()}
 
 
+def self_managed_document(clusters: int, ha: bool) -> dict:
+    doc = copy.deepcopy(example_documents()["core-prod-aws-eu-west-1"])
+    doc["metadata"]["name"] = "bench-core-aws-eu-west-1"
+    doc["spec"]["count"] = clusters
+    doc["spec"]["controlPlane"] = {"mode": "self-managed", "ha": ha}
+    doc["spec"]["updateStrategy"] = {"type": "in-place", "maxUnavailable": max(1, clusters // 20)}
+    return doc
+
+
+async def controlplanes(fleet: Fleet, clusters: int) -> tuple[float, int]:
+    """Create the self-managed set (untimed), then time its migration to HA; returns (seconds, first FLEET seq)."""
+    async with fleet.client() as client:
+        doc = self_managed_document(clusters, ha=False)
+        assert (await client.apply(doc, wait_s=120)).accepted
+
+        async def ready() -> bool:
+            view = await client.clusterset(doc["metadata"]["name"])
+            return bool(view) and view["status"]["readyClusters"] >= clusters
+
+        await fleet.wait_for(ready, timeout=1800, what=f"{clusters} self-managed clusters READY")
+        first_seq = (await fleet_stats(fleet))[0] + 1
+        started = time.perf_counter()
+        result = await client.apply(self_managed_document(clusters, ha=True), wait_s=120)
+        assert result.accepted, result.errors
+
+        async def migrated() -> bool:
+            found = await client.migrations(kind="pipeline", clusterset=doc["metadata"]["name"])
+            return any(p.get("state") in ("COMPLETED", "HALTED") for p in found)
+
+        await fleet.wait_for(migrated, timeout=3600, what="control-plane pipeline ended")
+        elapsed = time.perf_counter() - started
+        ended = await client.migrations(kind="migration", clusterset=doc["metadata"]["name"])
+        assert sum(m["state"] == "COMPLETED" for m in ended) == clusters, "every control plane migrated"
+        return elapsed, first_seq
+
+
+async def controlplane_figures(fleet: Fleet, first_seq: int) -> dict[str, float]:
+    """Per-step orchestration overhead and what the probers measured, from the FLEET history of the phase."""
+    nc = await nats.connect(fleet.settings.nats_url)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(subjects.FLEET_ALL, stream=subjects.STREAM_FLEET,
+                                  config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
+                                                              opt_start_seq=first_seq,
+                                                              ack_policy=jsapi.AckPolicy.NONE))  # fmt: skip
+    last_step: dict[str, datetime] = {}
+    gaps: list[float] = []
+    downtime: list[float] = []
+    availability: list[float] = []
+    migrations = 0
+    while True:
+        try:
+            msgs = await sub.fetch(500, timeout=2)
+        except nats.errors.TimeoutError:
+            break
+        for m in msgs:
+            env = json.loads(m.data)
+            at, data = datetime.fromisoformat(env["time"]), env["data"]
+            if env["type"] in ("ControlPlaneMigrationRequested", "ControlPlaneMigrationStepCompleted",
+                               "ControlPlaneMigrationCompleted"):  # fmt: skip
+                cid = data["cluster_id"]
+                if cid in last_step and env["type"] != "ControlPlaneMigrationRequested":
+                    gaps.append((at - last_step[cid]).total_seconds() * 1000)
+                last_step[cid] = at
+            if env["type"] == "ControlPlaneMigrationCompleted":
+                migrations += 1
+                if data.get("availability"):
+                    downtime.append(data["availability"]["downtime_s"])
+                    availability.append(data["availability"]["availability_pct"])
+    await nc.close()
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"migrations": migrations, "step_ms": mean(gaps), "downtime_s": mean(downtime),
+            "max_downtime_s": max(downtime, default=0.0), "availability_pct": mean(availability)}  # fmt: skip
+
+
 def bench_document(clusters: int) -> dict:
     doc = copy.deepcopy(example_documents()["modelserving-prod-aws-us-east-1"])
     doc["metadata"]["name"] = "bench-prod-aws-us-east-1"
@@ -153,7 +233,8 @@ async def main(clusters: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
     fleet = Fleet(workdir=workdir, env_overrides={
         "FLOTILLA_SIM_LATENCY_S": "0", "FLOTILLA_SIM_INSTALL_LATENCY_S": "0", "FLOTILLA_LOG_LEVEL": "WARNING",
-        "FLOTILLA_MAX_INFLIGHT": "128",
+        "FLOTILLA_MAX_INFLIGHT": "128", "FLOTILLA_CONTROLPLANE_DRIVER": "sim",
+        "FLOTILLA_CONTROLPLANE_PROBE_INTERVAL_S": "0.25",
     }).start()  # fmt: skip
     try:
         wall = await pipeline(fleet, clusters)
@@ -171,6 +252,12 @@ async def main(clusters: int) -> None:
         rot_publish_s, rot_consume_s = await floor(fleet.settings.nats_url, rotate_events,
                                                    max(1, (all_bytes - stream_bytes) // max(rotate_events, 1)))
         rotation_cpu = cpu_s(fleet.procs[("rotation", 0)].pid) - cpu["rotation"]
+        migrator_cpu = cpu_s(fleet.procs[("etcd_migration", 0)].pid)
+        cp_wall, cp_first = await controlplanes(fleet, clusters)
+        migrator_cpu = cpu_s(fleet.procs[("etcd_migration", 0)].pid) - migrator_cpu
+        cp_events = (await fleet_stats(fleet))[0] - cp_first + 1
+        cp = await controlplane_figures(fleet, cp_first)
+        cp_publish_s, cp_consume_s = await floor(fleet.settings.nats_url, cp_events, 1000)
     finally:
         fleet.stop()
     batches = -(-clusters // max(1, clusters // 10))
@@ -191,6 +278,14 @@ async def main(clusters: int) -> None:
     print(f"rotation_orchestration_ms_per_batch={sum(reactions.values()):.1f}"
           f" rotation_cpu_ms_per_batch={rotation_cpu * 1000 / batches:.0f}")
     print(f"rotation_vs_floor={rotate_wall / (rot_publish_s + rot_consume_s):.1f}")
+    print(f"controlplane_wall_s={cp_wall:.2f} migrations={cp['migrations']:.0f}"
+          f" concurrency={max(1, clusters // 20)} migrations_per_s={cp['migrations'] / cp_wall:.1f}")
+    print(f"controlplane_events={cp_events} events_per_migration={cp_events / max(cp['migrations'], 1):.1f}")
+    print(f"controlplane_step_orchestration_ms={cp['step_ms']:.1f}"
+          f" migrator_cpu_ms_per_migration={migrator_cpu * 1000 / max(cp['migrations'], 1):.0f}")
+    print(f"controlplane_outage_s_mean={cp['downtime_s']:.3f} max={cp['max_downtime_s']:.3f}"
+          f" availability_pct_mean={cp['availability_pct']:.1f}")
+    print(f"controlplane_vs_floor={cp_wall / (cp_publish_s + cp_consume_s):.1f}")
     print(f"pipeline_vs_floor={wall / floor_s:.1f}")
 
 

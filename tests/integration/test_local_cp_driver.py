@@ -65,7 +65,13 @@ async def test_migration_of_10000_keys_to_three_members(local_driver: LocalDrive
     # The leases were last written before the restore: not heartbeating until the "kubelets" renew them.
     since = max(m.revision for m in dark.members)
     assert not await driver.kubelets_heartbeating(r, since)
+    # Kubelets reach the new members through the internal endpoint once it opens; clients still cannot.
+    await driver.open_internal_load_balancer(r)
+    assert not await try_put(public) and (await driver.describe(r)).members[0].name != FIRST_NODE
     await heartbeat(driver, r)
+    assert await driver.kubelets_heartbeating(r, since)
+    with pytest.raises(DriverError, match="no rollback"):
+        await driver.remove_new_nodes(r)  # past this point the new members take writes
     await phase3(driver, r)
 
     after = await driver.describe(r)

@@ -1,8 +1,8 @@
 """The `sim` ControlPlaneDriver on a real redis-server, driven by etcd_migration's own handler.
 
-`run_operation` feeds each event the Migrator emits back into it, as the stream would, and
-retries a retryable driver error as the runtime does (nak, redelivery); what it cannot do here
-(the bus, the ledger) the end-to-end tests cover. The prober runs through the driver's probe
+`run_operation` (tests/migrator_loop.py) feeds each event the Migrator emits back into it, as
+the stream would, and retries a retryable driver error as the runtime does; what it cannot do
+here (the bus, the ledger) the end-to-end tests cover. The prober runs through the driver's probe
 target, so the availability figures come from the simulated API as clients would see it.
 """
 
@@ -21,18 +21,15 @@ from services.etcd_migration.drivers.base import ControlPlaneRef, DriverError
 from services.etcd_migration.drivers.faults import Fault
 from services.etcd_migration.drivers.sim import FIRST_NODE, SimControlPlaneDriver
 from services.etcd_migration.probes import ProbeHub
-from shared.events import Envelope, decode_payload, new_event
-from shared.events.clusterset import Location
+from shared.events import Envelope, decode_payload
 from shared.events.models import (
     ControlPlaneMigrationCompleted,
-    ControlPlaneMigrationRequested,
     ControlPlaneMigrationRolledBack,
     ControlPlaneUpgradeCompleted,
     ControlPlaneUpgradeFailed,
-    ControlPlaneUpgradeRequested,
 )
+from tests.migrator_loop import request, run_operation
 
-LOC = Location(env="prod", cloud="aws", region="eu-west-1")
 ROLLBACK_CASES = [("precheck", "ensure_control_plane"), ("stop-mutations", "stop_mutations"),
                   ("snapshot-save", "snapshot_save"), ("stop-node", "stop_node"), ("snapshot-disk", "snapshot_disk"),
                   ("create-nodes", "create_nodes"), ("create-load-balancers", "create_load_balancers"),
@@ -44,36 +41,6 @@ async def rds(redis_proc: Any) -> AsyncIterator[Redis]:
     client = Redis.from_url(f"redis://127.0.0.1:{redis_proc.port}/0", decode_responses=True)
     yield client
     await client.aclose()
-
-
-def request(cluster_id: str, operation_id: str, kind: str = "migrate", to_version: str = "1.30") -> Envelope:
-    ids: dict[str, Any] = {"cluster_id": cluster_id, "clusterset": "core", "location": LOC,
-                           "operation_id": operation_id}  # fmt: skip
-    if kind == "migrate":
-        return new_event(ControlPlaneMigrationRequested(**ids, kubernetes_version="1.29"), source="test")
-    return new_event(ControlPlaneUpgradeRequested(**ids, to_version=to_version), source="test")
-
-
-async def run_operation(migrator: Migrator, first: Envelope, attempts: int = 200) -> list[Envelope]:
-    """Every event the operation emits, each handled once it is 'delivered', retrying like the runtime."""
-    state: core.CPState | None = None
-    queue: list[Envelope] = [first]
-    emitted: list[Envelope] = []
-    while queue:
-        env = queue.pop(0)
-        for _ in range(attempts):
-            try:
-                outcome = await migrator.handle(env, state)
-                break
-            except DriverError as exc:
-                assert exc.retryable
-                await asyncio.sleep(0.01)
-        else:
-            outcome = await migrator.on_exhausted(env, state, "out of deliveries")
-        state = outcome.state if outcome.state is not None else state
-        queue += outcome.events
-        emitted += outcome.events
-    return emitted
 
 
 def types(events: list[Envelope]) -> list[str]:

@@ -130,6 +130,12 @@ class ControlPlaneDriver(Protocol):
         ...
 
     # ---- phase 3: serve
+    async def open_internal_load_balancer(self, ref: ControlPlaneRef) -> None:
+        """Let the kubelets reach the new members through the internal endpoint (the public one stays closed),
+        so that they renew their leases before controller-manager judges them. The old node is fenced first:
+        from here on the new members take writes, and the migration can no longer roll back."""
+        ...
+
     async def kubelets_heartbeating(self, ref: ControlPlaneRef, since_revision: int) -> bool:
         """Whether the nodes' kubelets have renewed their leases since the restore."""
         ...

@@ -11,7 +11,9 @@ The model, mapped onto the cloud the port is shaped after:
   separate API server: the load balancers forward straight to etcd;
 * the **load balancers** are proxy processes bound to the very same two ports once the old node
   and its API servers have let go of them; they start closed (accept and close) and are opened,
-  in place, by rewriting their config: the addresses never change, so clients never reconfigure;
+  in place, by rewriting their config: the addresses never change, so clients never reconfigure.
+  The internal one opens first (wait-kubelets: kubelets renew their leases through it before
+  controller-manager starts), the public one last;
 * a **disk snapshot** is a copy of the stopped node's data directory, never written to; the
   original stays untouched too, which is what a rollback starts the old node from;
 * **fencing** is a marker file in the old node's directory plus a flag in the metadata: a fenced
@@ -25,8 +27,9 @@ flock on the cluster directory (released by the kernel if the service is killed)
 
 Faults for tests: `fail_on(step)` / `inject(Fault(...))` make a step fail or stall, in memory or,
 given a Redis, shared with other processes (an end-to-end test injects into the running service);
-`kill_member` SIGKILLs one etcd. Local control planes have no kubelets and no controller-manager:
-heartbeats are read from the lease keys (tests write them) and controller-manager is a flag.
+`kill_member` SIGKILLs one etcd. Local control planes run no kubelets and no controller-manager:
+heartbeats are the node-lease keys' revisions (whatever renews them through the internal endpoint:
+the tests, the benchmark's kubelets) and controller-manager is a flag.
 """
 
 from __future__ import annotations
@@ -249,7 +252,8 @@ class _Cluster(BaseModel):
     previous_members: list[str] = Field(default_factory=list)  # before the restore: what a rollback returns to
     mutations_stopped: bool = False
     load_balanced: bool = False
-    lbs_open: bool = False
+    lbs_open: bool = False  # both load balancers serve (public and internal)
+    internal_open: bool = False  # the internal one serves (kubelets), the public one not yet
     lb_backends: list[str] = Field(default_factory=list)
     drained: list[str] = Field(default_factory=list)  # members taken out of the load balancers (replace_node)
     snapshots: dict[str, SnapshotInfo] = Field(default_factory=dict)  # by operation id
@@ -459,7 +463,7 @@ class LocalDriver(FaultInjection):
     async def _apply_load_balancers(self, meta: _Cluster) -> None:
         backends = [f"127.0.0.1:{meta.node(n).client_port}" for n in meta.lb_backends if n not in meta.drained]
         for role in _LOAD_BALANCERS:
-            await self._set_proxy(meta, role, meta.lbs_open, backends)
+            await self._set_proxy(meta, role, meta.lbs_open or (role == "lb-internal" and meta.internal_open), backends)
 
     # ------------------------------------------------ test hooks
 
@@ -766,19 +770,33 @@ class LocalDriver(FaultInjection):
             meta.node(name).controller_manager = True
         self._save(meta)
 
-    @driver_step()
-    async def open_load_balancers(self, ref: ControlPlaneRef) -> None:
-        meta = self._require(ref)
+    async def _fence_old_nodes_for(self, meta: _Cluster, what: str) -> None:
+        """Before any load balancer sends traffic to the new members: they must be healthy, and the old node
+        must never come back as a second writable cluster."""
         if not meta.load_balanced:
-            raise DriverError(f"{ref.cluster_id}: there are no load balancers to open", retryable=False)
+            raise DriverError(f"{meta.cluster_id}: there are no load balancers to open", retryable=False)
         for name in meta.members:
             if not await self._healthy(meta, name):
-                raise DriverError(f"{ref.cluster_id}/{name} is not healthy: not opening the load balancers")
-        # Fence first: once the new members serve, the old node must never come back as a second cluster.
+                raise DriverError(f"{meta.cluster_id}/{name} is not healthy: not opening {what}")
         for node in list(meta.nodes.values()):
             if node.name not in meta.members and not self._fenced(meta, node):
                 await self._stop_etcd(meta, node)
                 self._fence(meta, node)
+
+    @driver_step()
+    async def open_internal_load_balancer(self, ref: ControlPlaneRef) -> None:
+        meta = self._require(ref)
+        if meta.internal_open or meta.lbs_open:
+            return
+        await self._fence_old_nodes_for(meta, "the internal load balancer")
+        meta.internal_open = True
+        self._save(meta)
+        await self._apply_load_balancers(meta)
+
+    @driver_step()
+    async def open_load_balancers(self, ref: ControlPlaneRef) -> None:
+        meta = self._require(ref)
+        await self._fence_old_nodes_for(meta, "the load balancers")
         meta.lbs_open, meta.mutations_stopped = True, False
         self._save(meta)
         await self._apply_load_balancers(meta)
@@ -786,7 +804,7 @@ class LocalDriver(FaultInjection):
     @driver_step()
     async def remove_new_nodes(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
-        if meta.lbs_open:
+        if meta.lbs_open or meta.internal_open:
             raise DriverError(f"{ref.cluster_id}: the new members serve already: no rollback", retryable=False)
         ours = [n for n in meta.nodes.values() if n.operation_id == ref.operation_id]
         for node in ours:
@@ -810,12 +828,12 @@ class LocalDriver(FaultInjection):
     @driver_step()
     async def remove_load_balancers(self, ref: ControlPlaneRef) -> None:
         meta = self._require(ref)
-        if meta.lbs_open:
+        if meta.lbs_open or meta.internal_open:
             raise DriverError(f"{ref.cluster_id}: the load balancers serve the new members: no rollback",
                               retryable=False)  # fmt: skip
         for role in _LOAD_BALANCERS:
             await self._stop_proxy(meta, role)
-        meta.load_balanced, meta.lb_backends, meta.drained = False, [], []
+        meta.load_balanced, meta.lb_backends, meta.drained, meta.internal_open = False, [], [], False
         self._save(meta)
 
     @driver_step()

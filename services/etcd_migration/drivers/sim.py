@@ -13,8 +13,9 @@ It behaves like the cloud the port is shaped after, without running anything:
   revision and change the hash on every running member when the API can serve them;
 * the API serves when its API servers are on (mutations not stopped) and either the single
   node runs unfenced, or the load balancers are open with a quorum of members running;
-* kubelets heartbeat once per `heartbeat_s` after a restore (the wait-kubelets step waits for
-  one round), controller-manager is a flag.
+* kubelets reach the members only through the internal load balancer and renew their leases
+  every `heartbeat_s` (the wait-kubelets step waits for one round after opening it);
+  controller-manager is a flag.
 Keys: f"{prefix}:simcp:{{simcp}}:cp:<cluster>" (one hash tag, so the script runs on Redis Cluster).
 """
 
@@ -55,7 +56,8 @@ CAS_ATTEMPTS = 50
 WORK_UNITS = {
     "stop_mutations": 0.3, "stop_node": 1.0, "snapshot_disk": 2.0, "create_nodes": 3.0,
     "create_load_balancers": 2.0, "restore_members": 1.0, "start_controller_manager": 0.3,
-    "open_load_balancers": 0.5, "remove_new_nodes": 1.0, "remove_load_balancers": 1.0, "start_node": 1.0,
+    "open_internal_load_balancer": 0.5, "open_load_balancers": 0.5, "remove_new_nodes": 1.0,
+    "remove_load_balancers": 1.0, "start_node": 1.0,
     "resume_mutations": 0.3, "replace_node": 3.0,
 }  # fmt: skip
 
@@ -102,7 +104,13 @@ class Node(BaseModel):
 
 class LoadBalancers(BaseModel):
     backends: list[str]
-    open: bool = False
+    open: bool = False  # both serve
+    internal_open: bool = False  # the internal one serves (kubelets), the public one not yet
+    internal_opened_at: float | None = None
+
+    @property
+    def serving_new_members(self) -> bool:
+        return self.open or self.internal_open
 
 
 class ControlPlane(BaseModel):
@@ -114,8 +122,6 @@ class ControlPlane(BaseModel):
     snapshots: dict[str, Keyspace] = Field(default_factory=dict)  # etcd snapshot files, by location
     disks: dict[str, Keyspace] = Field(default_factory=dict)  # disk snapshots, by id
     operations: dict[str, float] = Field(default_factory=dict)  # asynchronous work -> when it is done
-    restored_at: float | None = None
-
     def node(self, name: str) -> Node:
         try:
             return self.nodes[name]
@@ -421,17 +427,44 @@ class SimControlPlaneDriver(FaultInjection):
                 node = cp.node(name)
                 node.data, node.state = restored, "running"
             cp.members = list(names)
-            cp.restored_at = self.clock()
             return None
 
         await self._set(ref, restore)
 
+    @staticmethod
+    def _fence_old_nodes(cp: ControlPlane) -> None:
+        """Before any load balancer sends traffic to the new members: never two writable control planes."""
+        if cp.load_balancers is None:
+            raise DriverError(f"{cp.cluster_id}: no load balancers to open", retryable=False)
+        if not all(cp.running(n) for n in cp.members):
+            raise DriverError(f"{cp.cluster_id}: not every new member is running yet")
+        for node in cp.nodes.values():
+            if not node.created_by and node.name not in cp.members:
+                node.fenced, node.state = True, "stopped"
+
+    @driver_step()
+    async def open_internal_load_balancer(self, ref: ControlPlaneRef) -> None:
+        await self._operation(ref, "open_internal_load_balancer")
+
+        def open_internal(cp: ControlPlane) -> bool | None:
+            if cp.load_balancers is not None and cp.load_balancers.serving_new_members:
+                return False
+            self._fence_old_nodes(cp)
+            assert cp.load_balancers is not None
+            cp.load_balancers.internal_open, cp.load_balancers.internal_opened_at = True, self.clock()
+            return None
+
+        await self._set(ref, open_internal)
+
     @driver_step(lock=False)
     async def kubelets_heartbeating(self, ref: ControlPlaneRef, since_revision: int) -> bool:
+        # Kubelets reach the members through the internal endpoint only, and renew every `heartbeat_s`.
         cp = await self._require(ref)
-        if cp.restored_at is None or not cp.quorum():
+        lbs = cp.load_balancers
+        if lbs is None or not lbs.serving_new_members or not cp.quorum():
             return False
-        return self.clock() >= cp.restored_at + self.heartbeat_s
+        opened = lbs.internal_opened_at if lbs.internal_opened_at is not None else 0.0
+        return self.clock() >= opened + self.heartbeat_s
 
     @driver_step()
     async def start_controller_manager(self, ref: ControlPlaneRef) -> None:
@@ -451,13 +484,10 @@ class SimControlPlaneDriver(FaultInjection):
         await self._operation(ref, "open_load_balancers")
 
         def open_(cp: ControlPlane) -> bool | None:
-            if cp.load_balancers is None:
-                raise DriverError(f"{ref.cluster_id}: no load balancers to open", retryable=False)
-            old = [n for n in cp.nodes.values() if not n.created_by and n.name not in cp.members]
-            if cp.load_balancers.open and not cp.mutations_stopped and all(n.fenced for n in old):
+            if cp.load_balancers is not None and cp.load_balancers.open and not cp.mutations_stopped:
                 return False
-            for node in old:  # fenced for good before the new members serve: never two writable planes
-                node.fenced, node.state = True, "stopped"
+            self._fence_old_nodes(cp)
+            assert cp.load_balancers is not None
             cp.load_balancers.open, cp.mutations_stopped = True, False
             return None
 
@@ -468,7 +498,7 @@ class SimControlPlaneDriver(FaultInjection):
         await self._operation(ref, "remove_new_nodes")
 
         def remove(cp: ControlPlane) -> bool | None:
-            if cp.load_balancers is not None and cp.load_balancers.open:
+            if cp.load_balancers is not None and cp.load_balancers.serving_new_members:
                 raise DriverError(f"{ref.cluster_id}: the new members serve already; not removing them",
                                   retryable=False)  # fmt: skip
             created = [n for n in cp.nodes.values() if n.created_by == ref.operation_id]
@@ -478,7 +508,6 @@ class SimControlPlaneDriver(FaultInjection):
                 del cp.nodes[node.name]
             cp.members = [n for n in cp.members if n in cp.nodes] or [
                 n.name for n in cp.nodes.values() if not n.created_by and not n.fenced][:1]  # fmt: skip
-            cp.restored_at = None
             return None
 
         await self._set(ref, remove)
@@ -490,7 +519,7 @@ class SimControlPlaneDriver(FaultInjection):
         def remove(cp: ControlPlane) -> bool | None:
             if cp.load_balancers is None:
                 return False
-            if cp.load_balancers.open:
+            if cp.load_balancers.serving_new_members:
                 raise DriverError(f"{ref.cluster_id}: the load balancers serve; not removing them", retryable=False)
             cp.load_balancers = None
             return None
