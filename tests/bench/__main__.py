@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
@@ -92,30 +93,37 @@ async def rotation(fleet: Fleet, clusters: int) -> float:
         return time.perf_counter() - started
 
 
-async def rotation_reactions(fleet: Fleet, first_seq: int) -> dict[str, float]:
-    """Mean ms from the fact that allowed a rotation decision to the decision, per kind of decision."""
+async def history(fleet: Fleet, first_seq: int) -> AsyncIterator[dict]:
+    """FLEET events from `first_seq` on, decoded, in stream order."""
     nc = await nats.connect(fleet.settings.nats_url)
     js = nc.jetstream()
     sub = await js.pull_subscribe(subjects.FLEET_ALL, stream=subjects.STREAM_FLEET,
                                   config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
                                                               opt_start_seq=first_seq,
                                                               ack_policy=jsapi.AckPolicy.NONE))  # fmt: skip
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(500, timeout=2)
+            except nats.errors.TimeoutError:
+                return
+            for m in msgs:
+                yield json.loads(m.data)
+    finally:
+        await nc.close()
+
+
+async def rotation_reactions(fleet: Fleet, first_seq: int) -> dict[str, float]:
+    """Mean ms from the fact that allowed a rotation decision to the decision, per kind of decision."""
     times: dict[str, tuple[str, datetime]] = {}
     delays: dict[str, list[float]] = {"drain": [], "retire": [], "create": []}
     kind = {"ClusterDrainRequested": "drain", "ClusterRetirementRequested": "retire", "ClusterRequested": "create"}
-    while True:
-        try:
-            msgs = await sub.fetch(500, timeout=2)
-        except nats.errors.TimeoutError:
-            break
-        for m in msgs:
-            env = json.loads(m.data)
-            at = datetime.fromisoformat(env["time"])
-            times[env["id"]] = (env["type"], at)
-            cause = times.get(env.get("causation_id") or "")
-            if env["source"] == "rotation" and env["type"] in kind and cause:
-                delays[kind[env["type"]]].append((at - cause[1]).total_seconds() * 1000)
-    await nc.close()
+    async for env in history(fleet, first_seq):
+        at = datetime.fromisoformat(env["time"])
+        times[env["id"]] = (env["type"], at)
+        cause = times.get(env.get("causation_id") or "")
+        if env["source"] == "rotation" and env["type"] in kind and cause:
+            delays[kind[env["type"]]].append((at - cause[1]).total_seconds() * 1000)
     return {k: (sum(v) / len(v) if v else 0.0) for k, v in delays.items()}
 
 
@@ -157,37 +165,24 @@ async def controlplanes(fleet: Fleet, clusters: int) -> tuple[float, int]:
 
 async def controlplane_figures(fleet: Fleet, first_seq: int) -> dict[str, float]:
     """Per-step orchestration overhead and what the probers measured, from the FLEET history of the phase."""
-    nc = await nats.connect(fleet.settings.nats_url)
-    js = nc.jetstream()
-    sub = await js.pull_subscribe(subjects.FLEET_ALL, stream=subjects.STREAM_FLEET,
-                                  config=jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
-                                                              opt_start_seq=first_seq,
-                                                              ack_policy=jsapi.AckPolicy.NONE))  # fmt: skip
     last_step: dict[str, datetime] = {}
     gaps: list[float] = []
     downtime: list[float] = []
     availability: list[float] = []
     migrations = 0
-    while True:
-        try:
-            msgs = await sub.fetch(500, timeout=2)
-        except nats.errors.TimeoutError:
-            break
-        for m in msgs:
-            env = json.loads(m.data)
-            at, data = datetime.fromisoformat(env["time"]), env["data"]
-            if env["type"] in ("ControlPlaneMigrationRequested", "ControlPlaneMigrationStepCompleted",
-                               "ControlPlaneMigrationCompleted"):  # fmt: skip
-                cid = data["cluster_id"]
-                if cid in last_step and env["type"] != "ControlPlaneMigrationRequested":
-                    gaps.append((at - last_step[cid]).total_seconds() * 1000)
-                last_step[cid] = at
-            if env["type"] == "ControlPlaneMigrationCompleted":
-                migrations += 1
-                if data.get("availability"):
-                    downtime.append(data["availability"]["downtime_s"])
-                    availability.append(data["availability"]["availability_pct"])
-    await nc.close()
+    steps = ("ControlPlaneMigrationRequested", "ControlPlaneMigrationStepCompleted", "ControlPlaneMigrationCompleted")
+    async for env in history(fleet, first_seq):
+        at, data = datetime.fromisoformat(env["time"]), env["data"]
+        if env["type"] in steps:
+            cid = data["cluster_id"]
+            if cid in last_step and env["type"] != "ControlPlaneMigrationRequested":
+                gaps.append((at - last_step[cid]).total_seconds() * 1000)
+            last_step[cid] = at
+        if env["type"] == "ControlPlaneMigrationCompleted":
+            migrations += 1
+            if data.get("availability"):
+                downtime.append(data["availability"]["downtime_s"])
+                availability.append(data["availability"]["availability_pct"])
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return {"migrations": migrations, "step_ms": mean(gaps), "downtime_s": mean(downtime),
             "max_downtime_s": max(downtime, default=0.0), "availability_pct": mean(availability)}  # fmt: skip
