@@ -41,12 +41,13 @@ class Fault:
         return f"{self.cluster_id or '*'}|{self.step}|{'after' if self.after else 'before'}"
 
 
-# KEYS: specs, counts  ARGV: field -> the spec if it fires now
+# KEYS: specs, counts  ARGV: fields, in order -> the spec of the first that fires now (one round trip per check)
 _TAKE_FAULT = """
-local spec = redis.call('HGET', KEYS[1], ARGV[1])
-if not spec then return nil end
-if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) < 0 then return nil end
-return spec
+for _, field in ipairs(ARGV) do
+  local spec = redis.call('HGET', KEYS[1], field)
+  if spec and redis.call('HINCRBY', KEYS[2], field, -1) >= 0 then return spec end
+end
+return nil
 """
 
 
@@ -74,29 +75,29 @@ class FaultBook:
         if self._redis is not None:
             await self._redis.delete(*self._keys)
 
-    async def _take(self, field: str) -> Fault | None:
+    async def _take(self, fields: list[str]) -> Fault | None:
         if self._take_script is not None:
-            raw = await self._take_script(keys=self._keys, args=[field])
+            raw = await self._take_script(keys=self._keys, args=fields)
             return Fault(**json.loads(raw)) if raw else None
-        entry = self._memory.get(field)
-        if entry is None or entry[1] <= 0:
-            return None
-        self._memory[field] = (entry[0], entry[1] - 1)
-        return entry[0]
+        for field in fields:
+            entry = self._memory.get(field)
+            if entry is not None and entry[1] > 0:
+                self._memory[field] = (entry[0], entry[1] - 1)
+                return entry[0]
+        return None
 
     async def check(self, ref: ControlPlaneRef, step: str, after: bool) -> None:
-        """Fire the fault armed for this call, if any (the cluster's own first, then one for any cluster)."""
+        """Fire the fault armed for this call, if any (the cluster's own first, else one for any cluster)."""
         if not self._memory and self._redis is None:
             return
         when = "after" if after else "before"
-        for scope in (ref.cluster_id, "*"):
-            fault = await self._take(f"{scope}|{step}|{when}")
-            if fault is None:
-                continue
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            if fault.fail:
-                raise DriverError(f"injected fault: {step} ({when})", retryable=fault.retryable)
+        fault = await self._take([f"{scope}|{step}|{when}" for scope in (ref.cluster_id, "*")])
+        if fault is None:
+            return
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.fail:
+            raise DriverError(f"injected fault: {step} ({when})", retryable=fault.retryable)
 
 
 class FaultInjection:
