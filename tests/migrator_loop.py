@@ -26,9 +26,12 @@ def request(cluster_id: str, operation_id: str, kind: str = "migrate", to_versio
     return new_event(ControlPlaneUpgradeRequested(**ids, to_version=to_version), source="test")
 
 
-async def run_operation(migrator: Migrator, first: Envelope, attempts: int = 200) -> list[Envelope]:
-    """Every event the operation emits, each handled once it is 'delivered', retrying like the runtime."""
-    state: core.CPState | None = None
+async def run_operation(migrator: Migrator, first: Envelope, attempts: int = 200,
+                        states: dict[str, core.CPState] | None = None) -> list[Envelope]:  # fmt: skip
+    """Every event the operation emits, each handled once it is 'delivered', retrying like the runtime.
+    `states` keeps each cluster's journal between operations, as the service's store does."""
+    cluster_id = str(first.data["cluster_id"])
+    state: core.CPState | None = (states or {}).get(cluster_id)
     queue: list[Envelope] = [first]
     emitted: list[Envelope] = []
     while queue:
@@ -45,4 +48,6 @@ async def run_operation(migrator: Migrator, first: Envelope, attempts: int = 200
         state = outcome.state if outcome.state is not None else state
         queue += outcome.events
         emitted += outcome.events
+    if states is not None and state is not None:
+        states[cluster_id] = state
     return emitted

@@ -74,7 +74,7 @@ class Migrator:
         if action is None:
             return Outcome(state=after)
         assert after.op is not None
-        ref = ControlPlaneRef(cluster_id=after.cluster_id, operation_id=after.op.operation_id)
+        ref = ControlPlaneRef(cluster_id=after.cluster_id, operation_id=after.op.driver_operation_id)
         payload: Event
         if isinstance(action, Finish):
             availability = await self.probes.finish(ref)
@@ -147,7 +147,8 @@ def final_event(state: CPState, action: Finish, availability: ControlPlaneAvaila
     pct = availability.availability_pct if availability else None
     if op.kind == "migrate":
         if action.outcome == "completed":
-            opened = op.detail.get("open-load-balancers", {})
+            # Members and endpoint as opened, or as found when the cluster was HA already.
+            opened = op.detail.get("open-load-balancers") or op.detail.get("precheck", {})
             return ControlPlaneMigrationCompleted(**_ids(state), availability_pct=pct, availability=availability,
                                                   config_hash=op.config_hash, endpoint=str(opened.get("endpoint", "")),
                                                   members=list(opened.get("members", [])))  # fmt: skip

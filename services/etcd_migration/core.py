@@ -15,8 +15,11 @@ Migration (ARCHITECTURE.md, "Control-plane migration"):
   phase 3  wait-kubelets, start-controller-manager, open-load-balancers
 A failure before phase 3 rolls back (remove-new-nodes, remove-load-balancers, start-node,
 resume-mutations): nothing mutated the old node's data, so it serves again as it was. A
-failure in phase 3 stops and asks for an operator: `open-load-balancers` fences the old node,
-and two writable control planes must never exist.
+failure in phase 3 stops and asks for an operator: the old node is fenced once the internal
+load balancer opens (wait-kubelets), and two writable control planes must never exist. Asking
+again for a migration of that cluster *resumes* it at the failed step (a new operation id for
+the outcome, the first one for the driver's nodes); asking for one of a cluster that is HA
+already completes at once. A re-run of a pipeline so converges instead of failing on what is done.
 
 Upgrade: per member (followers first, the leader last): precheck (quorum healthy, one
 version), snapshot (a fresh one), replace, validate. A failing validation replaces the node
@@ -73,6 +76,12 @@ class Operation(BaseModel):
     detail: dict[str, Any] = {}  # what steps reported, by step
     nodes: list[str] = []  # upgrades: the members in the order they are replaced
     old_versions: dict[str, str] = {}  # upgrades: what each node ran before
+    resumes: str | None = None  # the operation this one continues (phase 3): its nodes carry that id
+
+    @property
+    def driver_operation_id(self) -> str:
+        """The id the driver names this operation's snapshots and nodes by."""
+        return self.resumes or self.operation_id
 
 
 class CPState(BaseModel):
@@ -149,6 +158,10 @@ def _apply(state: CPState | None, p: ClusterEvent, env: Envelope) -> CPState | N
         version = p.to_version if isinstance(p, ControlPlaneUpgradeRequested) else p.kubernetes_version
         started = Operation(operation_id=p.operation_id, kind=kind, pipeline_id=p.pipeline_id,
                             config_hash=p.config_hash, to_version=version)  # fmt: skip
+        if kind == "migrate" and resumable(base.op):
+            assert base.op is not None
+            started = started.model_copy(update={"done": base.op.done, "detail": base.op.detail,
+                                                 "resumes": base.op.driver_operation_id})  # fmt: skip
         return base.model_copy(update={"op": started})
     if state is None:
         return None
@@ -214,6 +227,8 @@ def next_action(state: CPState | None) -> Action | None:
 
 
 def _next_migration(op: Operation) -> Action:
+    if op.detail.get("precheck", {}).get("already_ha"):
+        return Finish(outcome="completed")  # migrated before (another operation): nothing to do
     if op.status == "rolling-back":
         if op.failed_step == "precheck":
             return Finish(outcome="rolled-back")  # nothing was touched yet: nothing to undo
@@ -245,3 +260,9 @@ def _next_upgrade(op: Operation) -> Action:
 def rollback_allowed(step: str) -> bool:
     """Before phase 3 nothing has mutated state and the old node is not fenced: rolling back is safe."""
     return PHASE.get(step, 0) < 3
+
+
+def resumable(op: Operation | None) -> bool:
+    """A migration that stopped in phase 3: the only way is forward, from the step that failed."""
+    return (op is not None and op.kind == "migrate" and op.status == "failed"
+            and not rollback_allowed(op.failed_step or ""))  # fmt: skip

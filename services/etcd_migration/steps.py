@@ -37,10 +37,16 @@ def _healthy(info: ControlPlaneInfo) -> list[str]:
     return [m.name for m in info.members if m.healthy]
 
 
+def _serving_ha(info: ControlPlaneInfo) -> bool:
+    """Migrated already: members behind open load balancers, every one healthy, taking writes."""
+    return (info.load_balanced and info.load_balancers_open and not info.mutations_stopped
+            and len(info.members) >= MEMBERS and len(_healthy(info)) == len(info.members))  # fmt: skip
+
+
 async def perform(driver: ControlPlaneDriver, state: CPState, action: Step) -> dict[str, Any]:
     """Run one step; return what it reports (recorded in the journal)."""
     assert state.op is not None
-    ref = ControlPlaneRef(cluster_id=state.cluster_id, operation_id=state.op.operation_id)
+    ref = ControlPlaneRef(cluster_id=state.cluster_id, operation_id=state.op.driver_operation_id)
     detail = state.op.detail
     if action.kind == "migrate":
         return await _migration_step(driver, ref, action.step, detail, state.op.to_version or DEFAULT_VERSION)
@@ -54,6 +60,8 @@ async def _migration_step(driver: ControlPlaneDriver, ref: ControlPlaneRef, step
     match step:
         case "precheck":
             info = await driver.ensure_control_plane(ref, version)
+            if _serving_ha(info):
+                return {"already_ha": True, "endpoint": info.public_endpoint, "members": _healthy(info)}
             if info.load_balanced or len(info.members) != 1:
                 raise DriverError(f"expected one control-plane node, found {len(info.members)}", retryable=False)
             member = info.members[0]
@@ -141,10 +149,12 @@ async def _upgrade_step(driver: ControlPlaneDriver, ref: ControlPlaneRef, action
             info = await driver.describe(ref)
             _require_quorum(info)
             versions = {m.name: m.version for m in info.members}
-            if len(set(versions.values())) != 1:
+            # One version, or a halted earlier upgrade to this one (some members there already): the rest follow.
+            if len({v for v in versions.values() if v != to_version}) > 1:
                 raise DriverError(f"members run different versions: {versions}", retryable=False)
             # Followers first, the leader last: one leader election instead of one per node.
-            order = [m.name for m in sorted(info.members, key=lambda m: (m.is_leader, m.name))]
+            order = [m.name for m in sorted(info.members, key=lambda m: (m.is_leader, m.name))
+                     if m.version != to_version]  # fmt: skip
             return {"order": order, "versions": versions, "endpoint": info.public_endpoint}
         case "precheck":
             _require_quorum(await driver.describe(ref))

@@ -24,6 +24,7 @@ from services.etcd_migration.probes import ProbeHub
 from shared.events import Envelope, decode_payload
 from shared.events.models import (
     ControlPlaneMigrationCompleted,
+    ControlPlaneMigrationFailed,
     ControlPlaneMigrationRolledBack,
     ControlPlaneUpgradeCompleted,
     ControlPlaneUpgradeFailed,
@@ -205,3 +206,63 @@ async def test_a_replacement_that_would_lose_quorum_is_refused(rds: Redis) -> No
     await driver.kill_member(ref, cp.members[0])
     with pytest.raises(DriverError, match="lose quorum"):
         await driver.replace_node(ref, cp.members[1], "1.30")
+
+
+@pytest.mark.parametrize("method", ["open_internal_load_balancer", "start_controller_manager", "open_load_balancers"])
+async def test_a_phase_three_failure_stops_fenced_and_asking_again_resumes_it(rds: Redis, method: str) -> None:
+    driver = SimControlPlaneDriver(rds, "t")
+    await driver.inject(Fault(method, cluster_id="core-10", retryable=False))
+    journals: dict[str, core.CPState] = {}  # what the service keeps per cluster
+
+    events = await run_operation(migrator_for(driver, rds), request("core-10", "first"), states=journals)
+
+    failed = decode_payload(events[-1])
+    assert isinstance(failed, ControlPlaneMigrationFailed) and not failed.rolling_back, types(events)
+    cp = await driver.load("core-10")
+    assert cp is not None and not cp.serving(), "clients wait for the operator: the public endpoint is closed"
+    assert cp.members == steps.new_member_names(ControlPlaneRef("core-10", "first"))
+    if method != "open_internal_load_balancer":
+        assert cp.node(FIRST_NODE).fenced  # fenced when kubelets were let in: no way back to the old node
+
+    again = await run_operation(migrator_for(driver, rds), request("core-10", "second"), states=journals)
+
+    done = decode_payload(again[-1])
+    assert isinstance(done, ControlPlaneMigrationCompleted) and done.operation_id == "second", types(again)
+    resumed = [decode_payload(e).step for e in again if e.type == "ControlPlaneMigrationStepCompleted"]  # type: ignore[attr-defined]
+    assert resumed[0] == failed.step and "precheck" not in resumed  # from the failed step on, nothing redone
+    cp = await driver.load("core-10")
+    assert cp is not None and cp.serving() and cp.node(FIRST_NODE).fenced
+    assert cp.members == steps.new_member_names(ControlPlaneRef("core-10", "first")), "the same three members"
+    assert len(cp.nodes) == 4
+
+
+async def test_a_migration_of_an_ha_cluster_completes_at_once_and_creates_nothing(rds: Redis) -> None:
+    driver = SimControlPlaneDriver(rds, "t")
+    await upgrade_ready(driver, rds, "core-11")
+    before = await driver.load("core-11")
+
+    events = await run_operation(migrator_for(driver, rds), request("core-11", "again"))
+
+    done = decode_payload(events[-1])
+    assert isinstance(done, ControlPlaneMigrationCompleted) and done.members and done.endpoint, types(events)
+    assert types(events) == ["ControlPlaneMigrationStepCompleted", "ControlPlaneMigrationCompleted"]
+    after = await driver.load("core-11")
+    assert before is not None and after is not None and set(after.nodes) == set(before.nodes)
+
+
+async def test_an_upgrade_halted_part_way_converges_when_asked_again(rds: Redis) -> None:
+    driver = SimControlPlaneDriver(rds, "t")
+    await upgrade_ready(driver, rds, "core-12")
+    cp = await driver.load("core-12")
+    assert cp is not None
+    # Where a halted upgrade leaves a cluster: one member on the new version, the others on the old one.
+    ahead = cp.members[1]
+    await driver.replace_node(ControlPlaneRef("core-12", "up-a"), ahead, "1.30")
+
+    again = await run_operation(migrator_for(driver, rds), request("core-12", "up-b", kind="upgrade"))
+
+    assert isinstance(decode_payload(again[-1]), ControlPlaneUpgradeCompleted), types(again)
+    replaced = [decode_payload(e).node for e in again if getattr(decode_payload(e), "step", "") == "replace"]  # type: ignore[attr-defined]
+    assert sorted(replaced) == sorted(n for n in cp.members if n != ahead), "only the members still behind"
+    cp = await driver.load("core-12")
+    assert cp is not None and {cp.node(n).version for n in cp.members} == {"1.30"}

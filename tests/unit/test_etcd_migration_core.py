@@ -19,6 +19,7 @@ from shared.events.models import (
     ControlPlaneMigrationCompleted,
     ControlPlaneMigrationFailed,
     ControlPlaneMigrationRequested,
+    ControlPlaneMigrationRolledBack,
     ControlPlaneMigrationStepCompleted,
     ControlPlanePipelineCompleted,
     ControlPlanePipelineHalted,
@@ -83,6 +84,46 @@ def test_a_failure_before_phase_three_rolls_back_and_one_in_phase_three_stops(fa
         state = fold([migrate_done(action.step, action.phase, rollback=True)], state)
     expected = () if failing == "precheck" else core.ROLLBACK_STEPS  # a failed precheck touched nothing
     assert tuple(rolled) == expected and action == Finish(outcome="rolled-back")
+
+
+@pytest.mark.parametrize("failing", [s for p, s in core.MIGRATION_STEPS if p == 3])
+def test_a_migration_stopped_in_phase_three_resumes_at_the_failed_step_when_asked_again(failing: str):
+    events = [ev(ControlPlaneMigrationRequested(**IDS))]
+    for phase, step in core.MIGRATION_STEPS:
+        if step == failing:
+            break
+        events.append(migrate_done(step, phase))
+    events.append(ev(ControlPlaneMigrationFailed(**IDS, step=failing, reason="x", rolling_back=False)))
+    stopped = fold(events)
+    assert stopped is not None and stopped.op is not None and stopped.op.status == "failed"
+    assert core.next_action(stopped) is None  # stopped: waits for an operator
+
+    again = fold([ev(ControlPlaneMigrationRequested(**{**IDS, "operation_id": "op2"}))], stopped)
+    assert again is not None and again.op is not None
+    assert again.op.operation_id == "op2" and again.op.resumes == "op1" and again.op.driver_operation_id == "op1"
+    assert core.next_action(again) == Step(kind="migrate", step=failing, phase=3)
+    # A resume of the resume still names the first operation's nodes.
+    failed2 = ev(ControlPlaneMigrationFailed(**{**IDS, "operation_id": "op2"}, step=failing, reason="y",
+                                             rolling_back=False))  # fmt: skip
+    third = fold([failed2, ev(ControlPlaneMigrationRequested(**{**IDS, "operation_id": "op3"}))], again)
+    assert third is not None and third.op is not None and third.op.driver_operation_id == "op1"
+
+
+def test_a_rolled_back_migration_asked_again_starts_afresh():
+    events = [ev(ControlPlaneMigrationRequested(**IDS)), migrate_done("precheck", 0),
+              ev(ControlPlaneMigrationFailed(**IDS, step="stop-mutations", reason="x", rolling_back=True))]
+    events += [migrate_done(step, 1, rollback=True) for step in core.ROLLBACK_STEPS]
+    events.append(ev(ControlPlaneMigrationRolledBack(**IDS, from_step="stop-mutations")))
+    again = fold([ev(ControlPlaneMigrationRequested(**{**IDS, "operation_id": "op2"}))], fold(events))
+    assert again is not None and again.op is not None and again.op.resumes is None and again.op.done == []
+    assert core.next_action(again) == Step(kind="migrate", step="precheck", phase=0)
+
+
+def test_a_migration_of_a_cluster_that_is_ha_already_completes_after_its_precheck():
+    state = fold([ev(ControlPlaneMigrationRequested(**IDS)),
+                  ev(ControlPlaneMigrationStepCompleted(**IDS, phase=0, step="precheck",
+                                                        detail={"already_ha": True}))])  # fmt: skip
+    assert core.next_action(state) == Finish(outcome="completed")
 
 
 def test_one_operation_per_cluster_and_duplicates_change_nothing():
