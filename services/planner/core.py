@@ -601,7 +601,9 @@ def _decide_control_plane_change(state: PlannerState | None, env: Envelope) -> l
     else:
         if state.spec.control_plane.mode != "self-managed":
             errors.append(FieldError(field="operation", message="only self-managed control planes are operated on"))
-        if payload.operation == "migrate" and state.spec.control_plane.ha:
+        behind = [m for m in state.alive() if m.config_hash != state.config_hash
+                  and (not payload.cluster_ids or m.cluster_id in payload.cluster_ids)]  # fmt: skip
+        if payload.operation == "migrate" and state.spec.control_plane.ha and not behind:
             errors.append(FieldError(field="operation", message="the set's control planes are HA already"))
         if payload.operation == "upgrade" and not payload.to_version:
             errors.append(FieldError(field="toVersion", message="an upgrade needs the version to go to"))
@@ -614,11 +616,16 @@ def _decide_control_plane_change(state: PlannerState | None, env: Envelope) -> l
         cloud, region = (state.location.cloud, state.location.region) if state and state.location else (None, None)
         return [new_event(ClusterSetRejected(clusterset=payload.clusterset, cloud=cloud, region=region,
                                              errors=errors), source=SOURCE, cause=env)]  # fmt: skip
-    assert state is not None
+    assert state is not None and state.spec is not None
     chosen = set(payload.cluster_ids)
     members = [m for m in sorted(state.alive(), key=lambda m: m.serial) if not chosen or m.cluster_id in chosen]
-    return [_pipeline(state, payload.operation, members, env, config_hash=None, concurrency=payload.concurrency,
-                      failure_budget=payload.failure_budget, to_version=payload.to_version)]  # fmt: skip
+    # Finishing what the spec asked for (after a halted pipeline): done clusters reach the set's config, and
+    # the set converges. Otherwise (ahead of the spec) the clusters keep the config they are on.
+    to_spec = ((payload.operation == "migrate" and state.spec.control_plane.ha)
+               or (payload.operation == "upgrade" and payload.to_version == state.spec.kubernetes_version))  # fmt: skip
+    return [_pipeline(state, payload.operation, members, env, config_hash=state.config_hash if to_spec else None,
+                      concurrency=payload.concurrency, failure_budget=payload.failure_budget,
+                      to_version=payload.to_version)]  # fmt: skip
 
 
 def _update(state: PlannerState, member: Member, changes: list[rules.Change], cause: Envelope) -> Envelope:

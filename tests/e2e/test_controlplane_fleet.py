@@ -1,10 +1,12 @@
 """End to end: a fleet-wide control-plane migration to HA across several self-managed ClusterSets, as a staged
 fleet rollout (a patch of `controlPlane.ha`), every service a process over real NATS and Redis, the control
-planes on the `sim` driver (simulated VMs in Redis with latency)."""
+planes on the `sim` driver (simulated VMs in Redis with latency). The operator then finishes the halted set from
+the CLI: the cluster left is migrated, the one migrated already is found HA, and the set converges."""
 
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -64,6 +66,19 @@ async def test_a_fleet_rollout_of_ha_migrates_stage_by_stage_and_a_failed_set_ha
 
         migrations = await fleet.wait_for(all_ended, 120, what="the migrations in flight to end")
 
+        # The operator finishes the halted set from the CLI (the fault is gone): only the cluster left is migrated.
+        finish = await client.request_control_plane_change(FAILING, "migrate", wait_s=30)
+        assert finish.answer is not None and finish.answer.type == "ControlPlanePipelineRequested", finish.answer
+        history = await fleet.events()
+        accepted = [e for e in history if e.type == "ClusterSetAccepted" and e.data["clusterset"] == FAILING]
+        ha_hash = accepted[-1].data["config_hash"]  # the patch's generation
+
+        async def converged() -> bool:
+            return any(e.type == "ClusterSetConverged" and e.data["clusterset"] == FAILING
+                       and e.data["config_hash"] == ha_hash for e in await fleet.events())  # fmt: skip
+
+        await fleet.wait_for(converged, 120, what=f"{FAILING} converged on the HA config")
+
     events = await fleet.events()
     patched = [e.data["clusterset"] for e in events if e.type == "ClusterSetPatchRequested"]
     assert patched == ["core-prod-aws-eu-west-1", FAILING], "stage order, by name, nothing after the failure"
@@ -80,11 +95,21 @@ async def test_a_fleet_rollout_of_ha_migrates_stage_by_stage_and_a_failed_set_ha
         assert {cp.node(n).data.content for n in cp.members} == {cp.node(FIRST_NODE).data.content}
         assert by_cluster[cid]["state"] == "COMPLETED"
         assert by_cluster[cid]["availability"]["succeededWithoutQuorum"] == 0
-    # The failed set: the broken one rolled back to its single node, serving; its sibling (in flight) finished.
-    cp = await driver.load(broken)
-    assert cp is not None and cp.members == [FIRST_NODE] and cp.serving() and set(cp.nodes) == {FIRST_NODE}
+    # The failed set: the broken one rolled back (to its single node), its sibling (in flight) finished; then the
+    # operator's re-run migrated the broken one and found its sibling HA already.
     assert by_cluster[broken]["state"] == "ROLLED_BACK"
     assert by_cluster[cluster_id_for(FAILING, 0)]["state"] == "COMPLETED"
+    cp = await driver.load(broken)
+    assert cp is not None and len(cp.members) == 3 and cp.serving() and cp.node(FIRST_NODE).fenced
+    spec_run, cli_run = [e.data["pipeline_id"] for e in events
+                         if e.type == "ControlPlanePipelineRequested" and e.data["clusterset"] == FAILING]
+    steps_in: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for e in events:
+        if e.type == "ControlPlaneMigrationStepCompleted":
+            steps_in[(e.data["pipeline_id"], e.data["cluster_id"])].append(e.data["step"])
+    assert steps_in[(cli_run, cluster_id_for(FAILING, 0))] == ["precheck"], "HA already: nothing redone"
+    assert steps_in[(cli_run, broken)][-1] == "open-load-balancers"
+    assert "restore-members" not in steps_in[(spec_run, broken)]
     # The set after the halt was never touched.
     for serial in (0, 1):
         untouched = await driver.load(cluster_id_for("core-prod-aws-us-east-1", serial))

@@ -335,6 +335,36 @@ def test_a_spec_pipeline_that_ends_with_failed_clusters_reports_the_set_update_f
     assert again == []
 
 
+def test_after_a_halted_ha_pipeline_the_cli_finishes_the_clusters_left_and_the_set_converges():
+    state = ready_core()
+    state, out = handle(state, applied(with_cp(CORE, ha=True)))
+    assert state is not None and state.location
+    pipe = out[1].data
+    first, second = (c["cluster_id"] for c in pipe["clusters"])
+    ids = {"clusterset": state.name, "location": state.location}
+    done = ControlPlaneMigrationCompleted(cluster_id=first, **ids, operation_id="o1", pipeline_id=pipe["pipeline_id"],
+                                          config_hash=pipe["config_hash"])  # fmt: skip
+    state, _ = handle(state, ev(done))
+    assert state is not None
+    state, out = handle(state, ev(ControlPlanePipelineHalted(**ids, pipeline_id=pipe["pipeline_id"], reason="x",
+                                                             failed=[second])))  # fmt: skip
+    assert types(out) == ["ClusterSetUpdateFailed"]
+    # A migration of the migrated one alone is refused (nothing to do); the one left is taken, to the set's config.
+    _, refused = handle(state, ev(ControlPlaneChangeRequested(clusterset=state.name, operation="migrate",
+                                                              cluster_ids=[first])))  # fmt: skip
+    assert types(refused) == ["ClusterSetRejected"]
+    state, out = handle(state, ev(ControlPlaneChangeRequested(clusterset=state.name, operation="migrate")))
+    assert types(out) == ["ControlPlanePipelineRequested"] and out[0].data["config_hash"] == pipe["config_hash"]
+    assert state is not None
+    retry = out[0].data
+    done = ControlPlaneMigrationCompleted(cluster_id=second, **ids, operation_id="o2", pipeline_id=retry["pipeline_id"],
+                                          config_hash=retry["config_hash"])  # fmt: skip
+    state, converged = handle(state, ev(done))
+    state, out = handle(state, ev(ControlPlanePipelineCompleted(**ids, pipeline_id=retry["pipeline_id"],
+                                                                succeeded=[first, second], failed=[])))  # fmt: skip
+    assert "ClusterSetConverged" in types(converged + out)
+
+
 def test_a_cli_pipeline_on_a_converged_set_that_fails_changes_no_set_outcome():
     state = ready_core()
     assert state is not None and state.location
