@@ -48,6 +48,7 @@ from shared.events.models import (
     ClusterRequested,
     ClusterResourcesUpdated,
     ClusterRetirementRequested,
+    ClusterUncordonRequested,
     ClusterUpdateRequested,
     Event,
     InfraReconcileRequested,
@@ -63,7 +64,8 @@ DURABLE = "infra_installer"
 # Our own InfraServiceInstalled / InfraServiceRemoved come back to advance the chain one step each.
 CONSUMED: tuple[type[Event], ...] = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled,
                                      ClusterRetirementRequested, ClusterUpdateRequested, InfraServiceRemoved,
-                                     ClusterResourcesUpdated, ClusterDrainRequested)  # fmt: skip
+                                     ClusterResourcesUpdated, ClusterDrainRequested,
+                                     ClusterUncordonRequested)  # fmt: skip
 # How long one service may take to become healthy before the attempt fails (and is retried).
 # Must stay well below Settings.handler_timeout_s, which bounds the whole handler.
 DEFAULT_HEALTH_TIMEOUT_S = Settings.model_fields["install_health_timeout_s"].default
@@ -104,6 +106,8 @@ class Installer:
         if isinstance(event, ClusterDrainRequested) or (isinstance(event, InfraReconcileRequested)
                                                         and event.reason == "drain"):  # fmt: skip
             return await self._drain(env, state)
+        if isinstance(event, ClusterUncordonRequested):
+            return await self._uncordon(env, state, event)
         action = core.next_action(state)
         emitted: Event | None = None
         match action:
@@ -175,6 +179,18 @@ class Installer:
                      extra={"cluster_id": state.cluster_id, "event_id": answer.request.id})  # fmt: skip
             events.append(drained_envelope(answer))
         return Outcome(state=state, events=events)
+
+    async def _uncordon(self, env: Envelope, state: InstallerState,
+                        request: ClusterUncordonRequested) -> Outcome[InstallerState]:  # fmt: skip
+        """The drain is called off (folded in already); the nodes it cordoned take pods again. Retried by the
+        runtime until the API answers: a cluster left cordoned is capacity lost."""
+        if state.retired:
+            return Outcome(state=state)
+        nodes = await self.target.uncordon(self.ref(state))
+        log.info("uncordoned %s (%d node(s)): %s", state.cluster_id, nodes, request.reason,
+                 extra={"cluster_id": state.cluster_id, "event_id": env.id})  # fmt: skip
+        out = new_event(core.uncordoned_event(state, request, nodes), source=SERVICE, cause=env)
+        return Outcome(state=state, events=[out])
 
     async def on_exhausted(self, env: Envelope, state: InstallerState | None, reason: str,
                            error: BaseException | None = None) -> Outcome[InstallerState]:  # fmt: skip

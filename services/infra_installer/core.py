@@ -48,6 +48,8 @@ from shared.events.models import (
     ClusterRequested,
     ClusterResourcesUpdated,
     ClusterRetirementRequested,
+    ClusterUncordoned,
+    ClusterUncordonRequested,
     ClusterUpdateRequested,
     Event,
     InfraDriftCorrected,
@@ -161,7 +163,8 @@ Action = Install | Remove | EmitReady | Fail | None
 # Events this core understands; anything else leaves the state as it is.
 HANDLED = (ClusterRequested, ClusterProvisioned, InfraServiceInstalled, ClusterReady, ClusterInfraFailed,
            ClusterRetirementRequested, ClusterUpdateRequested, InfraServiceRemoved, InfraReconcileRequested,
-           InfraDriftCorrected, ClusterResourcesUpdated, ClusterDrainRequested)  # fmt: skip
+           InfraDriftCorrected, ClusterResourcesUpdated, ClusterDrainRequested,
+           ClusterUncordonRequested)  # fmt: skip
 
 
 # ---------------------------------------------------------------- plan
@@ -224,6 +227,12 @@ def evolve(state: InstallerState | None, event: Event, env: Envelope | None = No
             if env is None:
                 raise ValueError("a drain request is folded with its envelope (its id and time)")
             return _request_drain(state, event, env)
+        case ClusterUncordonRequested():
+            # Kept after all: open requests are dropped (nobody waits for them any more), and a later rollout
+            # may drain it again. Requests answered already stay answered.
+            drain = state.drain
+            answered = [*drain.answered, *(r.id for r in drain.pending)][-ANSWERED_KEPT:]
+            return state.model_copy(update=dict(drain=DrainState(answered=answered)))
         case InfraServiceRemoved():
             return state.model_copy(update=dict(
                 installed={k: v for k, v in state.installed.items() if k != event.service},
@@ -251,6 +260,11 @@ def evolve(state: InstallerState | None, event: Event, env: Envelope | None = No
         case ClusterRetirementRequested():
             return state.model_copy(update=dict(retired=True))
     return state
+
+
+def uncordoned_event(state: InstallerState, request: ClusterUncordonRequested, nodes: int) -> ClusterUncordoned:
+    return ClusterUncordoned(location=state.location, cluster_id=state.cluster_id, clusterset=state.clusterset,
+                             rollout_id=request.rollout_id, nodes=nodes)  # fmt: skip
 
 
 def _request_drain(state: InstallerState, event: ClusterDrainRequested, env: Envelope) -> InstallerState:

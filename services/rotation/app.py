@@ -15,6 +15,7 @@ from shared.events import (
     ClusterProvisioningFailed,
     ClusterReady,
     ClusterSetRetired,
+    ClusterUncordoned,
     Envelope,
     RolloutRequested,
     subjects,
@@ -25,7 +26,7 @@ from shared.service import ServiceContext, ServiceSpec
 
 # What moves a rollout: the request, and the facts about its set's clusters.
 FACTS = (RolloutRequested, ClusterReady, ClusterProvisioningFailed, ClusterInfraFailed, ClusterDrained,
-         ClusterDeprovisioned, ClusterSetRetired)  # fmt: skip
+         ClusterUncordoned, ClusterDeprovisioned, ClusterSetRetired)  # fmt: skip
 DURABLE = "rotation"
 CONTROLS_DURABLE = "rotation-controls"
 # Rotation states share the service's store with fleet rollouts: keys say which is which.

@@ -46,6 +46,8 @@ from shared.events.models import (
     ClusterRequested,
     ClusterRetirementRequested,
     ClusterSetRetired,
+    ClusterUncordoned,
+    ClusterUncordonRequested,
     Event,
     RolloutAborted,
     RolloutCompleted,
@@ -192,6 +194,12 @@ def evolve(state: RotationState | None, env: Envelope) -> RotationState | None:
             return _advance(state, p.cluster_id, "DRAINING")
         case ClusterDrained():
             return _advance(state, p.cluster_id, "DRAINED", drain_timed_out=p.timed_out)
+        case ClusterUncordonRequested() | ClusterUncordoned():
+            # Kept after all (a rollback): serving again. The one way a member moves back.
+            member = state.members.get(p.cluster_id)
+            if member is None or member.state not in ("DRAINING", "DRAINED"):
+                return state
+            return _set_member(state, p.cluster_id, state="READY", drain_timed_out=False)
         case ClusterRetirementRequested():
             return _advance(state, p.cluster_id, "RETIRING")
         case ClusterDeprovisioned():
@@ -465,11 +473,15 @@ def _begin_rollback(state: RotationState, cause: Envelope, reason: str) -> list[
 
 
 def _roll_back(state: RotationState, cause: Envelope) -> list[Envelope]:
-    """Retire every cluster this rollout created; the old ones stay. Done when the new ones are gone."""
+    """Retire every cluster this rollout created; the old ones stay, and those it drained are uncordoned.
+    Done when the new ones are gone."""
     run = state.run
     assert run is not None
     created = [m for m in state.existing() if m.created_by == run.rollout_id]
     out = [_retire(state, m, cause, drain=False, reason="rollback") for m in created if m.state != "RETIRING"]
+    out += [_cluster_event(state, ClusterUncordonRequested, m.cluster_id, cause, rollout_id=run.rollout_id,
+                           reason=f"rollout {run.rollout_id} rolled back")
+            for m in state.existing() if m.created_by != run.rollout_id and m.state in ("DRAINING", "DRAINED")]
     if not created:
         out.append(_emit(state, RolloutRolledBack, cause, reason=run.pause_reason or "rolled back",
                          next_serial=state.next_serial))  # fmt: skip

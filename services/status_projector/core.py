@@ -489,6 +489,21 @@ def _drained(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     _set_state(doc, "DRAINED", time)
 
 
+def _uncordon_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterUncordonRequested)
+    if _frozen(doc) or doc["state"] not in ("DRAINING", "DRAINED"):
+        return
+    doc["drain"] = {**_blank_drain(), **(doc["drain"] or {}), "uncordonRequestedAt": time, "uncordonReason": p.reason}
+
+
+def _uncordoned(doc: Doc, p: Any, env: Envelope, time: str) -> None:
+    assert isinstance(p, m.ClusterUncordoned)
+    if _frozen(doc) or doc["state"] not in ("DRAINING", "DRAINED"):
+        return
+    doc["drain"] = {**_blank_drain(), **(doc["drain"] or {}), "uncordonedAt": time}
+    _set_state(doc, "READY", time)
+
+
 def _retirement_requested(doc: Doc, p: Any, env: Envelope, time: str) -> None:
     assert isinstance(p, m.ClusterRetirementRequested)
     if doc["state"] == "DELETED" or doc["retiring"]:
@@ -798,6 +813,8 @@ _CLUSTER_HANDLERS: dict[str, Callable[[Doc, Any, Envelope, str], None]] = {
     "ClusterResourcesUpdated": _resources_updated,
     "ClusterDrainRequested": _drain_requested,
     "ClusterDrained": _drained,
+    "ClusterUncordonRequested": _uncordon_requested,
+    "ClusterUncordoned": _uncordoned,
     "ClusterRetirementRequested": _retirement_requested,
     "ClusterResourceDeprovisioned": _resource_deprovisioned,
     "ClusterDeprovisioned": _deprovisioned,

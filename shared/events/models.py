@@ -439,6 +439,19 @@ class ClusterDrained(ClusterEvent):
     remaining: int = Field(default=0, description="pods still on the cluster (a timed-out drain)")
 
 
+class ClusterUncordonRequested(ClusterEvent):
+    """A drained (or draining) cluster stays after all (its rollout rolled back): stop draining it and make the
+    nodes Flotilla cordoned schedulable again."""
+
+    rollout_id: str | None = None
+    reason: str = ""
+
+
+class ClusterUncordoned(ClusterEvent):
+    rollout_id: str | None = None
+    nodes: int = Field(default=0, description="nodes made schedulable again")
+
+
 class RolloutProgressed(RolloutEvent):
     replaced: int
     remaining: int

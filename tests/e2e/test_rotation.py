@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from services.cloud_provisioner.providers.simcloud import SimCloud
+from services.infra_installer.targets.sim import SimKubernetesTarget
 from shared.client import FlotillaClient
 from shared.cluster_ids import cluster_id_for
 from shared.events import Envelope
@@ -158,6 +159,32 @@ async def test_a_failing_new_cluster_pauses_then_rollback_keeps_the_old_then_a_f
         await wait_rollout(fleet, client, "COMPLETED")
         await fleet.wait_states(client, {"READY": 6}, clusterset=NAME, state="READY")
         assert not (set(await fleet.states(client, clusterset=NAME, state="READY")) & old)
+
+
+async def test_a_rollback_after_a_timed_out_drain_uncordons_the_old_clusters_it_drained(fleet: Fleet):
+    target = SimKubernetesTarget(fleet.redis_client(), fleet.settings)
+    async with fleet.client() as client:
+        await start_six(fleet, client)
+        old = set(await fleet.states(client, clusterset=NAME))
+        await target.block_evictions()  # no disruption budget lets anything go: drains time out
+        assert (await client.apply(six("1.31", drainTimeoutSeconds=2))).accepted
+        paused = await wait_rollout(fleet, client, "PAUSED")
+        assert "drain timed out" in str(paused)
+        drained = {c["id"] for c in await client.clusters(clusterset=NAME) if c["state"] == "DRAINED"}
+        assert drained and drained <= old
+        await client.rollout_control(NAME, "rollback")
+        await wait_rollout(fleet, client, "ROLLED_BACK")
+        # Every old cluster READY again and taking pods: none left cordoned and empty.
+        states = await fleet.wait_states(client, {"READY": 6}, clusterset=NAME, state="READY")
+        assert set(states) == old
+        for cid in drained:
+            status = await target.drain_status(cid)
+            assert "cordoned" not in status and status["uncordoned"] == 1, status
+    events = await fleet.events()
+    asked = Counter(e.data["cluster_id"] for e in events if e.type == "ClusterUncordonRequested")
+    assert set(asked) == drained
+    assert {e.data["cluster_id"] for e in events if e.type == "ClusterUncordoned"} == drained
+    assert not {e.data["cluster_id"] for e in events if e.type == "ClusterRetirementRequested"} & old
 
 
 async def test_resume_after_a_fix_completes(fleet: Fleet):

@@ -19,12 +19,13 @@ from kubernetes.client.rest import ApiException
 
 from services.infra_installer.bundles.model import Bundle
 from services.infra_installer.targets.base import ClusterRef, DrainReport
+from services.infra_installer.targets.k8s_drain import CORDONED_BY
 from services.infra_installer.targets.kubernetes import KubernetesApiTarget
 from services.infra_installer.targets.sim import default_pods
 from shared.bus import Bus
 from shared.config import Settings
 from shared.events import Envelope, decode_payload, derive_id, new_event
-from shared.events.models import ClusterDrained, ClusterDrainRequested
+from shared.events.models import ClusterDrained, ClusterDrainRequested, ClusterUncordoned, ClusterUncordonRequested
 from tests.conftest import make_settings
 from tests.fakes.k8s_api import PDB_REFUSAL, FakeKubeApi, edit, running
 from tests.helpers import fleet_events, wait_until
@@ -127,13 +128,30 @@ async def test_a_budget_lets_one_replica_go_per_pass_and_holds_the_rest_until_re
     # On the wire: one merge patch per node, and every pod left through the Eviction subresource.
     patches = fake.calls("PATCH", r"^/api/v1/nodes/")
     assert sorted(r.path for r in patches) == [f"/api/v1/nodes/node-{i}" for i in range(3)]
-    assert all(r.content_type == "application/merge-patch+json" and r.body == {"spec": {"unschedulable": True}}
-               for r in patches)  # fmt: skip
+    assert all(r.content_type == "application/merge-patch+json" and r.body == {
+        "metadata": {"annotations": {CORDONED_BY: "true"}}, "spec": {"unschedulable": True}} for r in patches)
     evictions = fake.calls("POST", EVICTION)
     assert sorted(r.path.split("/")[-2] for r in evictions) == ["debug", "web-0", "web-1", "web-2"]
     assert all(r.status == 201 and r.body["kind"] == "Eviction" and r.body["apiVersion"] == "policy/v1"
                for r in evictions)  # fmt: skip
     assert fake.calls("DELETE") == []
+
+
+async def test_an_uncordon_gives_back_only_the_nodes_the_drain_cordoned(fake: FakeKubeApi) -> None:
+    shop(fake)
+    maintenance = node("node-9")
+    maintenance["spec"] = {"unschedulable": True}  # cordoned by someone else, for their own reasons
+    fake.seed(maintenance)
+    target = target_for(fake)
+    assert (await target.drain(REF)).cordoned == 3
+    assert await target.uncordon(REF) == 3
+    for i in range(3):
+        n = fake.get("Node", f"node-{i}")
+        assert n is not None and not n["spec"].get("unschedulable")
+        assert CORDONED_BY not in (n["metadata"].get("annotations") or {})
+    assert fake.get("Node", "node-9")["spec"]["unschedulable"] is True  # type: ignore[index]
+    assert await target.uncordon(REF) == 0  # done already: nothing patched
+    assert len(fake.calls("PATCH", r"^/api/v1/nodes/")) == 6
 
 
 async def test_a_blocked_drain_finishes_when_the_pods_leave_by_themselves(fake: FakeKubeApi) -> None:
@@ -251,6 +269,34 @@ async def test_a_drain_request_is_answered_once_after_one_pass_by_default(settin
         await asyncio.sleep(0.2)
         assert [e.id for e in await fleet_events(bus)] == before
         assert (await run.target.drain_status(c.id))["passes"] == 1
+
+
+async def test_an_uncordon_request_calls_a_drain_off_and_the_workload_comes_back(settings: Settings, bus: Bus) -> None:
+    async with installer(settings) as run:
+        c = await ready_cluster(bus)
+        await run.target.block_evictions(cluster_id=c.id)  # the drain cannot finish
+        await bus.publish(drain_request(c, timeout_s=600))
+        await wait_until(lambda: cordoned(run, c))
+        p = c.payload
+        ask = ClusterUncordonRequested(location=p.location, cluster_id=c.id, clusterset=p.clusterset,
+                                       rollout_id="rollout-1", reason="rolled back")  # fmt: skip
+        await bus.publish(new_event(ask, source="rotation"))
+
+        async def uncordoned() -> list[Envelope]:
+            return [e for e in await fleet_events(bus, aggregate=c.id) if e.type == ClusterUncordoned.type_name()]
+
+        await wait_until(uncordoned)
+        (env,) = await uncordoned()
+        answer = decode_payload(env)
+        assert isinstance(answer, ClusterUncordoned) and answer.nodes == 1 and answer.rollout_id == "rollout-1"
+        status = await run.target.drain_status(c.id)
+        assert "cordoned" not in status and status["uncordoned"] == 1
+        await wait_until(lambda: drained(bus))
+        assert await drained_events(bus, c) == [], "the called-off drain is never answered"
+
+
+async def cordoned(run: Any, c: Cluster) -> bool:
+    return "cordoned" in await run.target.drain_status(c.id)
 
 
 async def _count(envs: Any) -> int:

@@ -334,7 +334,7 @@ async def test_consumer_config_filters_only_what_the_installer_folds(settings: S
         subjects.fleet_filter(t) for t in ("ClusterRequested", "ClusterProvisioned", "InfraServiceInstalled",
                                            "ClusterRetirementRequested", "ClusterUpdateRequested",
                                            "InfraServiceRemoved", "ClusterResourcesUpdated",
-                                           "ClusterDrainRequested"))  # fmt: skip
+                                           "ClusterDrainRequested", "ClusterUncordonRequested"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- in-place update, drift, retry of failures

@@ -26,6 +26,8 @@ from shared.events.models import (
     ClusterReady,
     ClusterRequested,
     ClusterResourcesUpdated,
+    ClusterUncordoned,
+    ClusterUncordonRequested,
     ClusterUpdateRequested,
     Event,
     InfraReconcileRequested,
@@ -272,6 +274,7 @@ class MemoryTarget(KubernetesTarget):
         self.fail, self.healthy = fail, healthy
         self.reports: list[DrainReport | Exception] = []  # what the next drain passes return (or raise)
         self.drains = 0
+        self.uncordons = 0
 
     async def apply_service(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> None:
         if self.fail:
@@ -295,6 +298,10 @@ class MemoryTarget(KubernetesTarget):
         if isinstance(report, Exception):
             raise report
         return report
+
+    async def uncordon(self, cluster: ClusterRef) -> int:
+        self.uncordons += 1
+        return 3
 
 
 def envelope(payload: Event, cause: Envelope | None = None) -> Envelope:
@@ -610,6 +617,27 @@ async def test_a_new_request_on_a_drained_cluster_is_answered_without_a_pass() -
     (answer,) = [decode_payload(e) for e in second.events]
     assert isinstance(answer, ClusterDrained) and answer.rollout_id == "r2" and not answer.timed_out
     assert target.drains == 1
+
+
+async def test_an_uncordon_calls_the_drain_off_gives_the_nodes_back_and_a_later_drain_starts_afresh() -> None:
+    requested, state = _ready_cluster()
+    target = MemoryTarget()
+    target.reports = [DrainReport(evicted=2, remaining=4, blocked=4)]
+    installer = Installer(target, clock=lambda: T0)
+    draining = await installer.handle(drain_env(requested), state)
+    assert draining.state is not None and draining.state.drain.pending and not draining.events
+    ask = ClusterUncordonRequested(location=requested.location, cluster_id=requested.cluster_id,
+                                   clusterset=requested.clusterset, rollout_id="r1", reason="rolled back")  # fmt: skip
+    out = await installer.handle(envelope(ask), draining.state)
+    (uncordoned,) = [decode_payload(e) for e in out.events]
+    assert isinstance(uncordoned, ClusterUncordoned) and uncordoned.nodes == 3 and target.uncordons == 1
+    assert out.state is not None and not out.state.drain.pending and not out.state.drain.drained
+    assert not core.draining(out.state) and core.drain_action(out.state) is None  # drift checks resume
+    # The dropped request is never answered; a new one (a later rollout) drains from the start.
+    target.reports = [DrainReport(evicted=6, remaining=0)]
+    again = await installer.handle(drain_env(requested, rollout="r2"), out.state)
+    (answer,) = [decode_payload(e) for e in again.events]
+    assert isinstance(answer, ClusterDrained) and answer.rollout_id == "r2" and target.drains == 2
 
 
 def test_the_periodic_retry_clears_only_a_retryable_failure() -> None:

@@ -230,6 +230,28 @@ def test_a_timed_out_drain_pauses_and_resume_retires_it():
     assert world.retired == [drain.data["cluster_id"]]
 
 
+def test_a_rollback_uncordons_the_old_clusters_it_drained_and_they_count_as_serving_again():
+    world = World(2)
+    world.deliver(request(2, 1, 0))
+    world.deliver(world.pending.pop())  # the new cluster is READY: one old one is drained
+    drain = next(e for e in world.log if e.type == "ClusterDrainRequested")
+    world.pending.clear()
+    world.deliver(new_event(ClusterDrained(**ids(drain), rollout_id="r1", timed_out=True, remaining=3),
+                            source="installer", time=T0))  # fmt: skip
+    out = world.deliver(new_event(RolloutControlRequested(clusterset=SET, action="rollback"), source="user", time=T0))
+    uncordon = [e for e in out if e.type == "ClusterUncordonRequested"]
+    assert [e.data["cluster_id"] for e in uncordon] == [drain.data["cluster_id"]]
+    assert world.state is not None and world.state.members[drain.data["cluster_id"]].state == "READY"
+    # A drain answer that crossed the uncordon on the way moves it back; the rollback asks again, once.
+    late = world.deliver(new_event(ClusterDrained(**ids(drain), rollout_id="r1", evicted=5), source="installer",
+                                   time=T0))  # fmt: skip
+    assert types(late).count("ClusterUncordonRequested") == 1
+    world.run([0])
+    assert world.log[-1].type == "RolloutRolledBack"
+    assert world.state is not None and all(m.state == "READY" for m in world.state.members.values())
+    assert types(world.log).count("ClusterUncordonRequested") == 2
+
+
 def test_drains_wait_for_the_maintenance_window():
     # Saturday 02:00 UTC for 4 hours; T0 is a Saturday 10:00, so the next opening is a week later.
     window = MaintenanceWindow(days=["Sat"], start="02:00", duration_minutes=240)

@@ -74,6 +74,11 @@ class KubernetesTarget(abc.ABC):
         (never more than their disruption budgets allow, never forced), and report what is left.
         Returns at once; the caller comes back for the next pass. Raises InstallError when the API fails."""
 
+    @abc.abstractmethod
+    async def uncordon(self, cluster: ClusterRef) -> int:
+        """Make the nodes a drain cordoned schedulable again (only those: a node someone else cordoned stays so);
+        returns how many. Idempotent. Raises InstallError when the API fails."""
+
     async def wait_healthy(self, cluster: ClusterRef, service: str, timeout_s: float) -> None:
         """Poll the health gate until it passes; raise HealthTimeout after `timeout_s`."""
         loop = asyncio.get_running_loop()

@@ -45,16 +45,34 @@ def list_all(list_fn: Callable[..., Any], timeout_s: float) -> list[Json]:
             return items
 
 
+# Marks the nodes a drain cordoned, so that an uncordon gives back only those.
+CORDONED_BY = "flotilla.dev/cordoned-by-drain"
+
+
 def cordon(core: CoreV1Api, timeout_s: float) -> int:
-    """Mark every schedulable node unschedulable; returns how many were changed."""
+    """Mark every schedulable node unschedulable (and as cordoned by us); returns how many were changed."""
     changed = 0
     for node in list_all(core.list_node, timeout_s):
         if (node.get("spec") or {}).get("unschedulable"):
             continue
         name = node["metadata"]["name"]
         # The client would send a dict body as a JSON patch: say it is a merge patch.
-        core.patch_node(name, {"spec": {"unschedulable": True}}, field_manager=FIELD_MANAGER,
-                        _content_type=MERGE_PATCH, _request_timeout=timeout_s)  # fmt: skip
+        core.patch_node(name, {"metadata": {"annotations": {CORDONED_BY: "true"}}, "spec": {"unschedulable": True}},
+                        field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _request_timeout=timeout_s)  # fmt: skip
+        changed += 1
+    return changed
+
+
+def uncordon(api: ApiClient, timeout_s: float) -> int:
+    """Make schedulable again the nodes `cordon` marked (a node cordoned by someone else stays cordoned)."""
+    core = CoreV1Api(api)
+    changed = 0
+    for node in list_all(core.list_node, timeout_s):
+        if ((node.get("metadata") or {}).get("annotations") or {}).get(CORDONED_BY) is None:
+            continue
+        core.patch_node(node["metadata"]["name"],
+                        {"metadata": {"annotations": {CORDONED_BY: None}}, "spec": {"unschedulable": None}},
+                        field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH, _request_timeout=timeout_s)  # fmt: skip
         changed += 1
     return changed
 

@@ -82,7 +82,7 @@ from services.infra_installer.targets.base import (
     InstallError,
     KubernetesTarget,
 )
-from services.infra_installer.targets.k8s_drain import drain_pass
+from services.infra_installer.targets.k8s_drain import drain_pass, uncordon
 from services.infra_installer.targets.k8s_objects import (
     CRD_KIND,
     LABEL_INVENTORY,
@@ -249,6 +249,15 @@ class KubernetesApiTarget(KubernetesTarget):
 
     def _drain_pass(self, conn: _Conn, cluster_id: str) -> DrainReport:
         return drain_pass(conn.api, self.request_timeout_s, cluster_id)
+
+    async def uncordon(self, cluster: ClusterRef) -> int:
+        conn = await asyncio.to_thread(self._conn, cluster)
+        nodes: int = await self._call(conn, cluster, self._uncordon)
+        log.info("uncordoned %d node(s) of %s", nodes, cluster.cluster_id, extra={"cluster_id": cluster.cluster_id})
+        return nodes
+
+    def _uncordon(self, conn: _Conn) -> int:
+        return uncordon(conn.api, self.request_timeout_s)
 
     # ================================================================== apply and prune
     async def apply(self, cluster: ClusterRef, service: str, version: str, values: Mapping[str, Any]) -> ApplyReport:

@@ -224,6 +224,19 @@ class SimKubernetesTarget(KubernetesTarget):
         return DrainReport(evicted=int(evicted), remaining=int(remaining), blocked=int(remaining),
                            cordoned=int(cordoned))  # fmt: skip
 
+    async def uncordon(self, cluster: ClusterRef) -> int:
+        cid = cluster.cluster_id
+        if self.failure_rate and self._rng.random() < self.failure_rate:
+            raise SimInstallError(f"simulated API error uncordoning {cid}")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # Schedulable again: the evicted pods' controllers put them back (the next drain starts from a full
+            # workload); the counts of what earlier drains did stay.
+            pipe.hdel(self._drain_key(cid), "cordoned", "seeded")
+            pipe.delete(self._pods_key(cid))
+            pipe.hincrby(self._drain_key(cid), "uncordoned", 1)
+            was_cordoned, _, _ = await pipe.execute()
+        return 1 if was_cordoned else 0  # the sim cordons a cluster's nodes as one
+
     async def _fault(self, kind: FaultKind, cluster_id: str, service: str) -> bool:
         fields = [f"{kind}|{cluster_id}|{service}", f"{kind}|*|{service}"]
         return bool(await self._take_fault(keys=[self._faults_key], args=fields))
