@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -185,6 +186,30 @@ async def test_a_rollback_after_a_timed_out_drain_uncordons_the_old_clusters_it_
     assert set(asked) == drained
     assert {e.data["cluster_id"] for e in events if e.type == "ClusterUncordoned"} == drained
     assert not {e.data["cluster_id"] for e in events if e.type == "ClusterRetirementRequested"} & old
+
+
+async def test_drains_wait_for_the_maintenance_window_then_the_rollout_completes(fleet: Fleet):
+    # A window opening on the next whole minute at least 40 s away (UTC), on today's and tomorrow's weekday:
+    # time enough for the new clusters to come up while it is closed.
+    now = datetime.now(UTC)
+    opens = (now + timedelta(seconds=100)).replace(second=0, microsecond=0)
+    days = [d.strftime("%a") for d in (opens, opens + timedelta(days=1))]
+    window = {"days": days, "start": opens.strftime("%H:%M"), "durationMinutes": 60}
+    async with fleet.client() as client:
+        await start_six(fleet, client)
+        assert (await client.apply(six("1.31", maintenanceWindows=[window]))).accepted
+        waiting = await wait_rollout(fleet, client, "WAITING", timeout=60)
+        assert datetime.fromisoformat(waiting["waiting"]["until"].replace("Z", "+00:00")) == opens
+        # New clusters may come up before the window; nothing old is drained or retired.
+        await fleet.wait_states(client, {"READY": 8}, clusterset=NAME, state="READY")
+        early = await fleet.events()
+        assert not [e for e in early if e.type in ("ClusterDrainRequested", "ClusterRetirementRequested")]
+        await wait_rollout(fleet, client, "COMPLETED", timeout=240)
+    events = await fleet.events()
+    first_drain = next(e for e in events if e.type == "ClusterDrainRequested")
+    assert first_drain.time >= opens, "the first drain started inside the window"
+    fewest, most = bounds(events, NAME)
+    assert fewest >= 6 and most <= 8
 
 
 async def test_resume_after_a_fix_completes(fleet: Fleet):
