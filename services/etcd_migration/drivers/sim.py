@@ -51,6 +51,7 @@ from shared.config import Settings
 FIRST_NODE = "cp-0"
 INITIAL_KEYS = 1_200  # what a small cluster's etcd holds: the first revision is this high too
 CAS_ATTEMPTS = 50
+OPERATIONS_KEPT = 100  # operations remembered per control plane (a redo only ever looks for a recent one)
 
 # How long each kind of work takes, in units of the sim latency (a VM boots slower than an LB reconfigures).
 WORK_UNITS = {
@@ -221,6 +222,8 @@ class SimControlPlaneDriver(FaultInjection):
             if cp is None or name in cp.operations:
                 return None
             cp.operations[name] = self.clock() + duration
+            if len(cp.operations) > OPERATIONS_KEPT:  # the record of a long-lived control plane stays small
+                cp.operations = dict(sorted(cp.operations.items(), key=lambda kv: kv[1])[-OPERATIONS_KEPT:])
             return cp
 
         cp = await self._change(ref.cluster_id, start)
@@ -567,7 +570,6 @@ class SimControlPlaneDriver(FaultInjection):
         others = [n for n in cp.members if n != node]
         if others and sum(cp.running(n) for n in others) < len(cp.members) // 2 + 1:
             raise DriverError(f"{ref.cluster_id}: replacing {node} would lose quorum")
-        operation = f"replace_node:{version}"
 
         def take_down(cp: ControlPlane) -> bool | None:
             if cp.node(node).state == "stopped":
@@ -576,7 +578,7 @@ class SimControlPlaneDriver(FaultInjection):
             return None
 
         await self._set(ref, take_down)
-        await self._operation(ref, operation, node)
+        await self._operation(ref, "replace_node", f"{node}:{version}")  # a new VM per version
 
         def boot(cp: ControlPlane) -> bool | None:
             n = cp.node(node)
