@@ -189,14 +189,13 @@ async def test_a_rollback_after_a_timed_out_drain_uncordons_the_old_clusters_it_
 
 
 async def test_drains_wait_for_the_maintenance_window_then_the_rollout_completes(fleet: Fleet):
-    # A window opening on the next whole minute at least 40 s away (UTC), on today's and tomorrow's weekday:
-    # time enough for the new clusters to come up while it is closed.
-    now = datetime.now(UTC)
-    opens = (now + timedelta(seconds=100)).replace(second=0, microsecond=0)
-    days = [d.strftime("%a") for d in (opens, opens + timedelta(days=1))]
-    window = {"days": days, "start": opens.strftime("%H:%M"), "durationMinutes": 60}
     async with fleet.client() as client:
         await start_six(fleet, client)
+        # A window opening on the next whole minute at least 40 s away (UTC), on today's and tomorrow's weekday:
+        # time enough for the new clusters to come up while it is closed.
+        opens = (datetime.now(UTC) + timedelta(seconds=100)).replace(second=0, microsecond=0)
+        days = [d.strftime("%a") for d in (opens, opens + timedelta(days=1))]
+        window = {"days": days, "start": opens.strftime("%H:%M"), "durationMinutes": 60}
         assert (await client.apply(six("1.31", maintenanceWindows=[window]))).accepted
         waiting = await wait_rollout(fleet, client, "WAITING", timeout=60)
         assert datetime.fromisoformat(waiting["waiting"]["until"].replace("Z", "+00:00")) == opens
