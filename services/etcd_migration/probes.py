@@ -12,6 +12,9 @@ from services.etcd_migration.drivers.base import ControlPlaneDriver, ControlPlan
 from services.etcd_migration.prober import Prober, summarize
 from shared.events.models import ControlPlaneAvailability
 
+# A request stuck longer than this (a cluster without quorum) counts as failed.
+PROBE_TIMEOUT_S = 1.0
+
 
 class ProbeHub:
     def __init__(self, redis: Redis, prefix: str, driver: ControlPlaneDriver, interval_s: float = 0.05) -> None:
@@ -31,8 +34,9 @@ class ProbeHub:
         async def down() -> int:
             return await self.driver.down_members(ref)
 
-        prober = Prober(endpoint, down, interval_s=self.interval_s, redis=self.redis, key=self.key(ref),
-                        target=lambda: self.driver.probe_target(ref, endpoint, timeout_s=1.0))  # fmt: skip
+        prober = Prober(endpoint, down, interval_s=self.interval_s, timeout_s=PROBE_TIMEOUT_S, redis=self.redis,
+                        key=self.key(ref),
+                        target=lambda: self.driver.probe_target(ref, endpoint, timeout_s=PROBE_TIMEOUT_S))  # fmt: skip
         prober.start()
         self._running[ref.operation_id] = prober
 

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from services.status_projector import controlplane as cp
 from services.status_projector import rollouts as ro
-from services.status_projector.docs import Doc, camel, canonical, fill_defaults, stamp, ts
+from services.status_projector.docs import Doc, camel, canonical, document, fill_defaults, stamp, ts
 from shared.catalog import CATALOG
 from shared.events import Envelope, decode_payload
 from shared.events import models as m
@@ -690,12 +690,7 @@ def _update_failed(doc: Doc, p: Any, env: Envelope, time: str) -> None:
 
 # ---------------------------------------------------------------- rollouts (documents of their own)
 def _rollout_doc(views: Views, rollout_id: str, clusterset: str, location: Doc, time: str) -> Doc:
-    doc = views.rollouts.get(rollout_id)
-    if doc is None:
-        doc = views.rollouts[rollout_id] = ro.new_rollout(rollout_id, clusterset, location, time)
-    else:
-        fill_defaults(doc, ro.new_rollout(rollout_id, clusterset, location, time))
-    return doc
+    return document(views.rollouts, rollout_id, ro.new_rollout(rollout_id, clusterset, location, time))
 
 
 def _rollout_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
@@ -720,12 +715,7 @@ def _rollout_cluster(views: Views, seq: int, env: Envelope, payload: m.Event) ->
 
 
 def _fleet_doc(views: Views, rollout_id: str, time: str) -> Doc:
-    doc = views.fleet_rollouts.get(rollout_id)
-    if doc is None:
-        doc = views.fleet_rollouts[rollout_id] = ro.new_fleet(rollout_id, time)
-    else:
-        fill_defaults(doc, ro.new_fleet(rollout_id, time))
-    return doc
+    return document(views.fleet_rollouts, rollout_id, ro.new_fleet(rollout_id, time))
 
 
 def _fleet_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
@@ -749,12 +739,7 @@ def _fleet_join(views: Views, seq: int, env: Envelope, payload: m.Event) -> None
 
 # ---------------------------------------------------------------- control-plane operations and pipelines
 def _pipeline_doc(views: Views, pipeline_id: str, clusterset: str, location: Doc, time: str) -> Doc:
-    doc = views.cp_pipelines.get(pipeline_id)
-    if doc is None:
-        doc = views.cp_pipelines[pipeline_id] = cp.new_pipeline(pipeline_id, clusterset, location, time)
-    else:
-        fill_defaults(doc, cp.new_pipeline(pipeline_id, clusterset, location, time))
-    return doc
+    return document(views.cp_pipelines, pipeline_id, cp.new_pipeline(pipeline_id, clusterset, location, time))
 
 
 def _operation_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> None:
@@ -764,8 +749,7 @@ def _operation_fact(views: Views, seq: int, env: Envelope, payload: m.Event) -> 
     location = payload.location.model_dump(mode="json", by_alias=True)
     blank = cp.new_operation(payload.operation_id, cp.OPERATION_KIND[env.type], payload.cluster_id,
                              payload.clusterset, location, time)  # fmt: skip
-    operation = views.cp_operations.setdefault(payload.operation_id, blank)
-    fill_defaults(operation, blank)
+    operation = document(views.cp_operations, payload.operation_id, blank)
     cp.operation_fact(operation, payload, env, time)
     stamp(operation, seq, env, time)
 

@@ -60,6 +60,13 @@ def fill_defaults(doc: Doc, blank: Doc) -> None:
         doc.setdefault(key, value)
 
 
+def document(store: dict[str, Doc], key: str, blank: Doc) -> Doc:
+    """The stored document under `key` (given the defaults a newer projector added), or `blank`, now stored."""
+    doc = store.setdefault(key, blank)
+    fill_defaults(doc, blank)
+    return doc
+
+
 def add_sorted(values: list[str], value: str) -> list[str]:
     """A sorted list of unique ids with `value` in it (order-independent, so replays agree)."""
     return values if value in values else sorted([*values, value])
